@@ -1,0 +1,297 @@
+"""Fused linear -> log-softmax -> gather (and entropy) Triton kernels.
+
+For hidden states ``h: [N, D]``, a head ``W: [V, D]`` (and optional bias ``b: [V]``), targets ``y: [N]`` and inverse
+temperatures ``s: [N]`` (or one scalar), the logits are ``z = (h @ W.T + b) * s`` and we want, per row,
+
+    logp = z[y] - lse(z)        entropy = lse(z) - sum_j p_j z_j        (p = softmax(z))
+
+without ever materialising ``z: [N, V]``.
+
+Forward (``token_logprobs_forward``): a grid over (row blocks, vocab splits). Each program walks its vocab split in
+``BLOCK_V`` tiles; per tile it computes the ``[BLOCK_N, BLOCK_V]`` logits with a K-loop of ``tl.dot`` over D and folds
+them into an online log-sum-exp (running max ``m``, scaled sum ``s``), the scaled first moment ``sum e^{z-m} z`` for
+the entropy, and the target logit when the target column falls in the tile. The per-split partials ``[splits, N]``
+are merged afterwards (O(N * splits) work). Vocab splits exist so that small N still fills the GPU.
+
+Backward (``token_logprobs_backward``): with ``lse`` and ``mu = sum p z`` saved from the forward,
+
+    dz_j = g (1[j = y] - p_j) - g_H p_j (z_j - mu),        dlogits_j = dz_j * s
+
+A Triton kernel recomputes the logits for one vocab chunk at a time and writes ``dlogits[:, chunk]`` into a bounded
+workspace; two GEMMs then produce ``dW[chunk] = dlogits.T @ h`` (complete, K = N) and ``dh += dlogits @ W[chunk]``
+(fp32 accumulator). The chunk width is chosen so the workspace stays a small fraction of the ``[N, V]`` fp32 logits.
+
+Offsets are 64-bit: ``N * V`` passes 2**31 at real sizes (16384 x 151936). Columns past ``V`` are masked to ``-inf``
+before the log-sum-exp, so vocab sizes that are multiples of nothing are exact. Targets are only compared with column
+indices, never used as addresses, so an out-of-range target cannot read out of bounds.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ._utils import INTERPRET, next_pow2
+
+
+@triton.jit
+def _logits_tile(
+    H, W, B, rows, row_mask, cols, col_mask, D, stride_h, stride_w, inv_t,
+    HAS_BIAS: tl.constexpr, DOT_FP32: tl.constexpr, IEEE: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """``[BLOCK_N, BLOCK_V]`` tile of scaled logits in fp32; columns outside ``col_mask`` are ``-inf``."""
+    acc = tl.zeros((BLOCK_N, BLOCK_V), dtype=tl.float32)
+    h_ptrs = H + rows.to(tl.int64)[:, None] * stride_h
+    w_ptrs = W + cols.to(tl.int64)[:, None] * stride_w
+    for d0 in range(0, D, BLOCK_D):
+        dd = d0 + tl.arange(0, BLOCK_D)
+        d_mask = dd < D
+        h = tl.load(h_ptrs + dd[None, :], mask=row_mask[:, None] & d_mask[None, :], other=0.0)
+        w = tl.load(w_ptrs + dd[None, :], mask=col_mask[:, None] & d_mask[None, :], other=0.0)
+        if DOT_FP32:
+            h = h.to(tl.float32)
+            w = w.to(tl.float32)
+        if IEEE:
+            # fp32 inputs: full-precision products, as PyTorch's default fp32 matmul (no TF32).
+            acc = tl.dot(h, tl.trans(w), acc, input_precision="ieee")
+        else:
+            acc = tl.dot(h, tl.trans(w), acc)
+    if HAS_BIAS:
+        bias = tl.load(B + cols, mask=col_mask, other=0.0).to(tl.float32)
+        acc = acc + bias[None, :]
+    z = acc * inv_t[:, None]
+    return tl.where(col_mask[None, :], z, float("-inf"))
+
+
+@triton.jit
+def _token_logprobs_fwd_kernel(
+    H, W, B, Y, S,  # hidden [N, D], weight [V, D], bias [V], targets [N] int64, inverse temperatures [N] fp32
+    M_out, L_out, T_out, E_out,  # partials [SPLITS, N] fp32: running max, sum e^{z-m}, target logit, sum e^{z-m} z
+    N, V, D, stride_h, stride_w, inv_t_scalar, v_per_split,
+    HAS_BIAS: tl.constexpr, HAS_TEMP: tl.constexpr, WITH_ENTROPY: tl.constexpr, DOT_FP32: tl.constexpr, IEEE: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    pid_n = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_mask = rows < N
+    y = tl.load(Y + rows, mask=row_mask, other=-1)
+    if HAS_TEMP:
+        inv_t = tl.load(S + rows, mask=row_mask, other=1.0)
+    else:
+        inv_t = tl.zeros((BLOCK_N,), dtype=tl.float32) + inv_t_scalar
+
+    m = tl.full((BLOCK_N,), float("-inf"), dtype=tl.float32)
+    l = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    t = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    e = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    v_start = pid_s * v_per_split
+    v_end = tl.minimum(v_start + v_per_split, V)
+    for v0 in range(v_start, v_end, BLOCK_V):
+        cols = v0 + tl.arange(0, BLOCK_V)
+        col_mask = cols < v_end
+        z = _logits_tile(H, W, B, rows, row_mask, cols, col_mask, D, stride_h, stride_w, inv_t,
+                         HAS_BIAS, DOT_FP32, IEEE, BLOCK_N, BLOCK_V, BLOCK_D)
+        # Every tile has at least one valid column (v0 < v_end), so m_new is finite and exp(m - m_new) is 0, not NaN,
+        # on the first tile.
+        m_new = tl.maximum(m, tl.max(z, axis=1))
+        alpha = tl.exp(m - m_new)
+        p = tl.exp(z - m_new[:, None])
+        l = l * alpha + tl.sum(p, axis=1)
+        if WITH_ENTROPY:
+            e = e * alpha + tl.sum(p * tl.where(col_mask[None, :], z, 0.0), axis=1)  # 0 * -inf would be NaN
+        t += tl.sum(tl.where(cols[None, :] == y[:, None], z, 0.0), axis=1)
+        m = m_new
+
+    out = pid_s.to(tl.int64) * N + rows
+    tl.store(M_out + out, m, mask=row_mask)
+    tl.store(L_out + out, l, mask=row_mask)
+    tl.store(T_out + out, t, mask=row_mask)
+    if WITH_ENTROPY:
+        tl.store(E_out + out, e, mask=row_mask)
+
+
+@triton.jit
+def _token_logprobs_dlogits_kernel(
+    H, W, B, Y, S, LSE, MU, G, GE,  # G, GE: upstream grads [N] fp32 (already zero on ignored rows)
+    DZ,  # workspace [N, chunk] in the GEMM dtype: d loss / d raw logits for columns [v_lo, v_lo + chunk)
+    N, D, stride_h, stride_w, stride_dz, inv_t_scalar, v_lo, v_hi,
+    HAS_BIAS: tl.constexpr, HAS_TEMP: tl.constexpr, WITH_ENTROPY: tl.constexpr, DOT_FP32: tl.constexpr, IEEE: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    pid_n = tl.program_id(0)
+    pid_v = tl.program_id(1)
+    rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_mask = rows < N
+    local = pid_v * BLOCK_V + tl.arange(0, BLOCK_V)
+    cols = v_lo + local
+    col_mask = cols < v_hi
+    y = tl.load(Y + rows, mask=row_mask, other=-1)
+    if HAS_TEMP:
+        inv_t = tl.load(S + rows, mask=row_mask, other=1.0)
+    else:
+        inv_t = tl.zeros((BLOCK_N,), dtype=tl.float32) + inv_t_scalar
+    lse = tl.load(LSE + rows, mask=row_mask, other=0.0)
+    g = tl.load(G + rows, mask=row_mask, other=0.0)
+
+    z = _logits_tile(H, W, B, rows, row_mask, cols, col_mask, D, stride_h, stride_w, inv_t,
+                     HAS_BIAS, DOT_FP32, IEEE, BLOCK_N, BLOCK_V, BLOCK_D)
+    p = tl.exp(z - lse[:, None])  # masked columns: exp(-inf) = 0
+    dz = tl.where(cols[None, :] == y[:, None], g[:, None], 0.0) - g[:, None] * p
+    if WITH_ENTROPY:
+        mu = tl.load(MU + rows, mask=row_mask, other=0.0)
+        ge = tl.load(GE + rows, mask=row_mask, other=0.0)
+        dz -= ge[:, None] * p * tl.where(col_mask[None, :], z - mu[:, None], 0.0)
+    dz = dz * inv_t[:, None]
+    ptrs = DZ + rows.to(tl.int64)[:, None] * stride_dz + local[None, :]
+    tl.store(ptrs, dz.to(DZ.dtype.element_ty), mask=row_mask[:, None] & col_mask[None, :])
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# launchers
+
+
+def _config(n: int, v: int, d: int, dtype: torch.dtype) -> dict:
+    if INTERPRET:
+        # The interpreter runs every program serially in numpy: small tiles keep odd test shapes cheap. tl.dot needs
+        # each dimension >= 16.
+        return dict(BLOCK_N=16, BLOCK_V=32, BLOCK_D=max(16, min(64, next_pow2(d))), num_warps=4, num_stages=1)
+    block_d = 64 if dtype != torch.float32 else 32
+    return dict(BLOCK_N=128 if n >= 128 else 64, BLOCK_V=128, BLOCK_D=block_d, num_warps=8, num_stages=3)
+
+
+def _num_sms(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 4
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def token_logprobs_forward(
+    hidden: torch.Tensor,  # [N, D]
+    weight: torch.Tensor,  # [V, D]
+    bias: torch.Tensor | None,  # [V]
+    targets: torch.Tensor,  # [N] int64
+    inv_temp: torch.Tensor | None,  # [N] fp32, or None to use inv_temp_scalar
+    inv_temp_scalar: float,
+    with_entropy: bool,
+    num_splits: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Returns ``(target_logit, lse, mu, entropy)``, each fp32 ``[N]`` (``mu``/``entropy`` empty without entropy).
+
+    ``target_logit`` is the scaled logit of the target column (0 when the target is outside ``[0, V)``).
+    """
+    n, d = hidden.shape
+    v = weight.shape[0]
+    cfg = _config(n, v, d, hidden.dtype)
+    bn, bv = cfg["BLOCK_N"], cfg["BLOCK_V"]
+    n_blocks = triton.cdiv(n, bn)
+    v_tiles = triton.cdiv(v, bv)
+    if num_splits is None:
+        num_splits = min(v_tiles, max(1, triton.cdiv(2 * _num_sms(hidden.device), n_blocks)))
+    num_splits = max(1, min(int(num_splits), v_tiles))
+    v_per_split = triton.cdiv(v_tiles, num_splits) * bv
+    num_splits = triton.cdiv(v, v_per_split)
+
+    f32 = dict(device=hidden.device, dtype=torch.float32)
+    m = torch.empty((num_splits, n), **f32)
+    l = torch.empty((num_splits, n), **f32)
+    t = torch.empty((num_splits, n), **f32)
+    e = torch.empty((num_splits, n), **f32) if with_entropy else m
+    grid = (n_blocks, num_splits)
+    _token_logprobs_fwd_kernel[grid](
+        hidden, weight, bias if bias is not None else hidden, targets, inv_temp if inv_temp is not None else m,
+        m, l, t, e,
+        n, v, d, hidden.stride(0), weight.stride(0), float(inv_temp_scalar), v_per_split,
+        HAS_BIAS=bias is not None, HAS_TEMP=inv_temp is not None, WITH_ENTROPY=with_entropy, DOT_FP32=INTERPRET,
+        IEEE=hidden.dtype == torch.float32, **cfg,
+    )
+    # Merge the per-split partials: O(N * splits).
+    m_all = m.max(dim=0).values
+    scale = torch.exp(m - m_all)
+    l_all = (l * scale).sum(dim=0)
+    lse = m_all + torch.log(l_all)
+    target_logit = t.sum(dim=0)
+    if with_entropy:
+        mu = (e * scale).sum(dim=0) / l_all
+        entropy = lse - mu
+    else:
+        mu, entropy = lse.new_empty(0), lse.new_empty(0)
+    return target_logit, lse, mu, entropy
+
+
+def _chunk_width(n: int, v: int, elt: int, block_v: int, workspace_bytes: int | None) -> int:
+    if workspace_bytes is None:
+        # Half of 1% of the fp32 [N, V] logits, and never below 16 MiB; the rest of the 1% goes to the O(N) buffers.
+        workspace_bytes = max(16 << 20, (n * v * 4) // 200)
+    width = max(block_v, (workspace_bytes // max(1, n * elt)) // block_v * block_v)
+    return min(width, triton.cdiv(v, block_v) * block_v)
+
+
+def _mm_fp32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``a @ b`` accumulated and returned in fp32 (cuBLAS bf16/fp16 GEMM with an fp32 output where available)."""
+    if a.dtype != torch.float32 and a.is_cuda:
+        try:
+            return torch.mm(a, b, out_dtype=torch.float32)
+        except (TypeError, RuntimeError):  # torch without the out_dtype overload (< 2.8)
+            pass
+    return torch.mm(a.float(), b.float())
+
+
+def token_logprobs_backward(
+    hidden: torch.Tensor,  # [N, D]
+    weight: torch.Tensor,  # [V, D]
+    bias: torch.Tensor | None,  # [V]
+    targets: torch.Tensor,  # [N] int64
+    inv_temp: torch.Tensor | None,  # [N] fp32
+    inv_temp_scalar: float,
+    lse: torch.Tensor,  # [N] fp32
+    mu: torch.Tensor | None,  # [N] fp32 (entropy only)
+    grad_logp: torch.Tensor,  # [N] fp32, zero on ignored rows
+    grad_entropy: torch.Tensor | None,  # [N] fp32, zero on ignored rows
+    need_hidden: bool,
+    need_weight: bool,
+    need_bias: bool,
+    workspace_bytes: int | None = None,
+) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+    """Returns ``(d_hidden [N, D], d_weight [V, D], d_bias [V])`` in fp32, ``None`` where not requested."""
+    n, d = hidden.shape
+    v = weight.shape[0]
+    cfg = _config(n, v, d, hidden.dtype)
+    bn, bv = cfg["BLOCK_N"], cfg["BLOCK_V"]
+    with_entropy = grad_entropy is not None
+    gemm_dtype = hidden.dtype
+    width = _chunk_width(n, v, hidden.element_size(), bv, workspace_bytes)
+    dz = torch.empty((n, width), device=hidden.device, dtype=gemm_dtype)
+    d_hidden = torch.zeros((n, d), device=hidden.device, dtype=torch.float32) if need_hidden else None
+    d_weight = torch.empty((v, d), device=hidden.device, dtype=torch.float32) if need_weight else None
+    d_bias = torch.empty((v,), device=hidden.device, dtype=torch.float32) if need_bias else None
+    for v_lo in range(0, v, width):
+        v_hi = min(v, v_lo + width)
+        cw = v_hi - v_lo
+        grid = (triton.cdiv(n, bn), triton.cdiv(cw, bv))
+        _token_logprobs_dlogits_kernel[grid](
+            hidden, weight, bias if bias is not None else hidden, targets, inv_temp if inv_temp is not None else lse,
+            lse, mu if with_entropy else lse, grad_logp, grad_entropy if with_entropy else grad_logp,
+            dz,
+            n, d, hidden.stride(0), weight.stride(0), dz.stride(0), float(inv_temp_scalar), v_lo, v_hi,
+            HAS_BIAS=bias is not None, HAS_TEMP=inv_temp is not None, WITH_ENTROPY=with_entropy,
+            DOT_FP32=INTERPRET, IEEE=hidden.dtype == torch.float32, **cfg,
+        )
+        chunk = dz[:, :cw]
+        if need_weight:
+            d_weight[v_lo:v_hi] = _mm_fp32(chunk.t(), hidden)
+        if need_hidden:
+            d_hidden += _mm_fp32(chunk, weight[v_lo:v_hi])
+        if need_bias:
+            d_bias[v_lo:v_hi] = chunk.float().sum(dim=0)
+    return d_hidden, d_weight, d_bias
+
+
+def workspace_bytes_estimate(n: int, v: int, d: int, dtype: torch.dtype) -> int:
+    """Upper bound of the extra device memory one backward allocates (for the benchmarks and the docs)."""
+    elt = torch.empty((), dtype=dtype).element_size()
+    cfg = _config(n, v, d, dtype)
+    width = _chunk_width(n, v, elt, cfg["BLOCK_V"], None)
+    return n * width * elt + n * d * 4 + 8 * n * 4

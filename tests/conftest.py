@@ -1,0 +1,42 @@
+"""Test setup: run Triton kernels on the CPU interpreter when there is no GPU.
+
+TRITON_INTERPRET must be set before triton is first imported, so it is decided here, at collection time.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+_ROOT = Path(__file__).resolve().parents[1]
+if str(_ROOT) not in sys.path:
+    sys.path.insert(0, str(_ROOT))
+
+
+def _has_cuda() -> bool:
+    try:
+        import torch
+
+        return torch.cuda.is_available()
+    except Exception:  # pragma: no cover - torch missing is a setup error reported elsewhere
+        return False
+
+
+if not _has_cuda():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+# Copies of GSM8K, MATH-500, AIME 2024 and AMC 2023 sit in ../shared/data beside the checkout (never in the package).
+SHARED_DATA = _ROOT.parent / "shared" / "data"
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    if not SHARED_DATA.is_dir():
+        pytest.skip(f"shared test data not found at {SHARED_DATA}")
+    return SHARED_DATA
+
+
+requires_cuda = pytest.mark.skipif(not _has_cuda(), reason="needs a CUDA GPU")

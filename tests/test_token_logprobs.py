@@ -1,0 +1,262 @@
+"""vpgea.token_logprobs against a float64 reference, both impls, odd shapes, with gradients.
+
+Tolerance rule (flash-attention's): an impl's error against the float64 gold may be at most ``_FACTOR`` times
+PyTorch's own error in the same dtype (eager: ``F.linear`` in that dtype, fp32 log-softmax, gather), plus a floor
+``_FLOOR[dtype]`` scaled by the output's magnitude, for cases where PyTorch's error happens to be ~0.
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import vpgea
+from tests.conftest import requires_cuda
+
+_FACTOR = 2.0
+# Floors relative to the largest |value| of each output: fp32 rounding of a length-D dot product (~D * 2^-24) and
+# bf16 storage of the result (2^-8) leave about this much even for an exact algorithm.
+_FLOOR = {torch.float32: 1e-5, torch.bfloat16: 1e-2}
+
+IMPLS = ["torch", "triton"]
+
+
+def _reference(h, w, b, y, temp, ignore_index, dtype64=torch.float64):
+    """Per-token log-probs and entropies computed in ``dtype64`` from the given (possibly low-precision) inputs."""
+    z = F.linear(h.to(dtype64), w.to(dtype64), None if b is None else b.to(dtype64))
+    t = temp.to(dtype64)[..., None] if isinstance(temp, torch.Tensor) else temp
+    ls = torch.log_softmax(z / t, dim=-1)
+    valid = y != ignore_index
+    lp = ls.gather(-1, torch.where(valid, y, 0)[..., None])[..., 0]
+    ent = -(ls.exp() * ls).sum(-1)
+    return torch.where(valid, lp, 0.0), torch.where(valid, ent, 0.0)
+
+
+def _eager_same_dtype(h, w, b, y, temp, ignore_index):
+    """What a PyTorch user writes: logits in the input dtype, then an fp32 log-softmax."""
+    z = F.linear(h, w, b).float()
+    t = temp.float()[..., None] if isinstance(temp, torch.Tensor) else temp
+    ls = torch.log_softmax(z / t, dim=-1)
+    valid = y != ignore_index
+    lp = ls.gather(-1, torch.where(valid, y, 0)[..., None])[..., 0]
+    ent = -(ls.exp() * ls).sum(-1)
+    return torch.where(valid, lp, 0.0), torch.where(valid, ent, 0.0)
+
+
+def _run(fn, h, w, b, y, temp, ignore_index, g_lp, g_ent, grads):
+    """Forward + backward with fixed upstream gradients; returns outputs and the requested input gradients."""
+    leaves = []
+    for x, need in zip((h, w, b), grads):
+        if x is None:
+            leaves.append(None)
+            continue
+        leaves.append(x.detach().clone().requires_grad_(need))
+    lp, ent = fn(leaves[0], leaves[1], leaves[2], y, temp, ignore_index)
+    loss = (lp.double() * g_lp).sum() + (ent.double() * g_ent).sum()
+    outs = [lp.detach().double(), ent.detach().double()]
+    if loss.requires_grad:
+        loss.backward()
+    for x, need in zip(leaves, grads):
+        if x is not None and need:
+            outs.append(x.grad.double())
+    return outs
+
+
+def _check_close(got, gold, ref_err_src, dtype, names):
+    for name, a, g, r in zip(names, got, gold, ref_err_src):
+        scale = g.abs().max().item() + 1e-12
+        err = (a - g).abs().max().item()
+        torch_err = (r - g).abs().max().item()
+        bound = _FACTOR * torch_err + _FLOOR[dtype] * scale
+        assert err <= bound, f"{name}: error {err:.3e} > bound {bound:.3e} (torch's own {torch_err:.3e}, scale {scale:.3e})"
+
+
+def _make(n_shape, v, d, dtype, *, bias, seed=0, device="cpu"):
+    g = torch.Generator().manual_seed(seed)
+    h = torch.randn(*n_shape, d, generator=g).to(dtype).to(device)
+    w = (torch.randn(v, d, generator=g) * d**-0.5 * 3).to(dtype).to(device)
+    b = (torch.randn(v, generator=g)).to(dtype).to(device) if bias else None
+    y = torch.randint(0, v, n_shape, generator=g).to(device)
+    return h, w, b, y
+
+
+def _case(impl, n_shape, v, d, dtype, *, bias=True, temp=1.0, ignore=True, grads=(True, True, True), entropy=True,
+          device="cpu"):
+    h, w, b, y = _make(n_shape, v, d, dtype, bias=bias, device=device)
+    ignore_index = -100
+    if ignore:
+        y.view(-1)[::5] = ignore_index
+    if temp == "per-token":
+        temp = (torch.rand(n_shape, generator=torch.Generator().manual_seed(1)) + 0.5).to(device)
+    gen = torch.Generator().manual_seed(2)
+    g_lp = torch.randn(n_shape, generator=gen, dtype=torch.float64).to(device)
+    g_ent = (torch.randn(n_shape, generator=gen, dtype=torch.float64) if entropy else torch.zeros(n_shape,
+             dtype=torch.float64)).to(device)
+
+    def fused(h_, w_, b_, y_, t_, ii):
+        lp, ent = vpgea.token_logprobs(h_, w_, y_, bias=b_, temperature=t_, ignore_index=ii, return_entropy=True,
+                                       impl=impl)
+        assert lp.dtype == torch.float32 and ent.dtype == torch.float32
+        assert lp.shape == y_.shape and ent.shape == y_.shape
+        return lp, ent
+
+    got = _run(fused, h, w, b, y, temp, ignore_index, g_lp, g_ent, grads)
+    gold = _run(lambda *a: _reference(*a), h, w, b, y, temp, ignore_index, g_lp, g_ent, grads)
+    eager = _run(_eager_same_dtype, h, w, b, y, temp, ignore_index, g_lp, g_ent, grads)
+    names = ["logp", "entropy"] + [n for n, x, need in zip(("d_hidden", "d_weight", "d_bias"), (h, w, b), grads)
+                                   if x is not None and need]
+    assert len(got) == len(gold) == len(names)
+    _check_close(got, gold, eager, dtype, names)
+    return h, w, b, y
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("n_shape,v,d", [((37,), 203, 48), ((3, 7), 1013, 24), ((1,), 17, 16)])
+def test_matches_float64(impl, dtype, n_shape, v, d):
+    _case(impl, n_shape, v, d, dtype, temp=0.7)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("grads", [g for g in itertools.product([False, True], repeat=3) if any(g)])
+def test_every_requires_grad_combination(impl, grads):
+    _case(impl, (19,), 131, 40, torch.float32, temp="per-token", grads=grads)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_per_token_temperature_no_bias_no_entropy_grad(impl):
+    _case(impl, (23,), 97, 32, torch.bfloat16, bias=False, temp="per-token", entropy=False)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_ignore_index_zero_value_and_gradient(impl):
+    h, w, b, y = _make((12,), 50, 16, torch.float32, bias=True)
+    y[[0, 5, 11]] = -1
+    h.requires_grad_()
+    lp, ent = vpgea.token_logprobs(h, w, y, bias=b, ignore_index=-1, return_entropy=True, impl=impl)
+    assert torch.all(lp[[0, 5, 11]] == 0) and torch.all(ent[[0, 5, 11]] == 0)
+    assert torch.all(lp[y != -1] < 0)
+    (lp.sum() + ent.sum()).backward()
+    assert torch.all(h.grad[[0, 5, 11]] == 0)
+    assert h.grad[1].abs().sum() > 0
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_without_entropy_returns_tensor(impl):
+    h, w, b, y = _make((9,), 33, 16, torch.float32, bias=False)
+    lp = vpgea.token_logprobs(h, w, y, impl=impl)
+    assert isinstance(lp, torch.Tensor) and lp.shape == (9,)
+    gold, _ = _reference(h, w, None, y, 1.0, -100)
+    torch.testing.assert_close(lp.double(), gold, atol=1e-5, rtol=1e-5)
+
+
+def test_triton_vocab_splits_and_backward_chunks_agree():
+    """Several vocab splits in the forward and several workspace chunks in the backward give the same numbers."""
+    from vpgea.kernels.token_logprobs import token_logprobs_backward, token_logprobs_forward
+
+    h, w, b, y = _make((21,), 301, 24, torch.float32, bias=True)
+    inv_t = torch.rand(21) + 0.5
+    outs = [token_logprobs_forward(h, w, b, y, inv_t, 1.0, True, num_splits=s) for s in (1, 2, 5)]
+    for o in outs[1:]:
+        for a, r in zip(o, outs[0]):
+            torch.testing.assert_close(a, r, atol=2e-6, rtol=2e-6)
+    _, lse, mu, _ = outs[0]
+    g, ge = torch.randn(21), torch.randn(21)
+    full = token_logprobs_backward(h, w, b, y, inv_t, 1.0, lse, mu, g, ge, True, True, True)
+    # 21 rows x 32 fp32 columns per chunk -> 10 chunks over V=301.
+    chunked = token_logprobs_backward(h, w, b, y, inv_t, 1.0, lse, mu, g, ge, True, True, True,
+                                      workspace_bytes=21 * 4 * 32)
+    for a, r in zip(chunked, full):
+        torch.testing.assert_close(a, r, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("v", [151936, 50257])
+def test_triton_real_vocab_sizes_forward(v):
+    """Real vocab sizes (not multiples of any block): padding columns never enter the log-sum-exp."""
+    h, w, b, y = _make((2,), v, 16, torch.float32, bias=False)
+    y[0] = v - 1
+    lp, ent = vpgea.token_logprobs(h, w, y, return_entropy=True, impl="triton")
+    gold_lp, gold_ent = _reference(h, w, None, y, 1.0, -100)
+    torch.testing.assert_close(lp.double(), gold_lp, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(ent.double(), gold_ent, atol=1e-4, rtol=1e-5)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_bad_inputs(impl):
+    h, w, b, y = _make((4,), 10, 8, torch.float32, bias=True)
+    with pytest.raises(ValueError, match="disagree on D"):
+        vpgea.token_logprobs(h, w[:, :7], y, impl=impl)
+    with pytest.raises(ValueError, match="targets shape"):
+        vpgea.token_logprobs(h, w, y[:3], impl=impl)
+    with pytest.raises(ValueError, match="dtype"):
+        vpgea.token_logprobs(h, w.double(), y, impl=impl)
+    with pytest.raises(ValueError, match="bias must be"):
+        vpgea.token_logprobs(h, w, y, bias=b[:5], impl=impl)
+    with pytest.raises(ValueError, match="temperature"):
+        vpgea.token_logprobs(h, w, y, temperature=0.0, impl=impl)
+    with pytest.raises(ValueError, match="temperature tensor"):
+        vpgea.token_logprobs(h, w, y, temperature=torch.ones(3), impl=impl)
+    with pytest.raises(ValueError, match=r"targets must be in \[0, 10\).*found 10 at flat position 2"):
+        vpgea.token_logprobs(h, w, torch.tensor([1, 2, 10, -100]), impl=impl)
+    with pytest.raises(ValueError, match="found -3"):
+        vpgea.token_logprobs(h, w, torch.tensor([1, -3, 0, 0]), impl=impl)
+    with pytest.raises(ValueError, match="impl must be"):
+        vpgea.token_logprobs(h, w, y, impl="cuda")
+
+
+def test_custom_ops_pass_opcheck_and_compile():
+    """The Triton path is a registered custom op: fake impl, schema and autograd registration are consistent, and
+    torch.compile traces it in one graph."""
+    from vpgea.logprobs import _triton_fwd
+
+    h, w, b, y = _make((11,), 45, 16, torch.float32, bias=True)
+    inv_t = torch.rand(11) + 0.5
+    args = (h.requires_grad_(), w.requires_grad_(), b.requires_grad_(), y, inv_t, 1.0, -100, True)
+    torch.library.opcheck(_triton_fwd, args, test_utils=("test_schema", "test_faketensor",
+                                                         "test_autograd_registration"))
+
+    def f(h_, w_, b_):
+        lp, ent = vpgea.token_logprobs(h_, w_, y, bias=b_, temperature=inv_t, return_entropy=True, impl="triton")
+        return lp.sum() + ent.sum()
+
+    compiled = torch.compile(f, backend="aot_eager", fullgraph=True)
+    got = compiled(h, w, b)
+    ref = f(h, w, b)
+    torch.testing.assert_close(got, ref)
+    (gh,) = torch.autograd.grad(got, h)
+    (rh,) = torch.autograd.grad(ref, h)
+    torch.testing.assert_close(gh, rh)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# CUDA (skipped without a GPU)
+
+
+@requires_cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("n_shape,v,d", [((1029,), 32003, 257), ((4, 333), 151936, 128)])
+def test_cuda_matches_float64(dtype, n_shape, v, d):
+    if dtype == torch.float16:
+        _FLOOR.setdefault(torch.float16, 2e-3)
+    _case("triton", n_shape, v, d, dtype, temp="per-token", device="cuda")
+
+
+@requires_cuda
+def test_cuda_no_nv_sized_allocation():
+    """The fused path's peak extra memory stays far below the fp32 [N, V] logits."""
+    n, v, d = 4096, 151936, 256
+    h, w, b, y = _make((n,), v, d, torch.bfloat16, bias=False, device="cuda")
+    h.requires_grad_()
+    w.requires_grad_()
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    lp = vpgea.token_logprobs(h, w, y, impl="triton")
+    lp.sum().backward()
+    torch.cuda.synchronize()
+    extra = torch.cuda.max_memory_allocated() - base
+    grads = h.grad.numel() * 2 + w.grad.numel() * 2
+    assert extra - grads < 0.02 * n * v * 4, f"extra {extra / 2**20:.1f} MiB"
