@@ -40,6 +40,7 @@ _LAZY = {
     "token_logprobs": "vpgea.logprobs",
     "vpgea_loss": "vpgea.losses",
     "vpgea_loss_fused_linear": "vpgea.losses",
+    "grpo_loss": "vpgea.losses",
     "PolicyModel": "vpgea.policy",
 }
 
