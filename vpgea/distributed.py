@@ -1,0 +1,183 @@
+"""Data-parallel scale-out: FSDP2 under ``torchrun``, sharded checkpoints, rank-0 logging, failing together.
+
+Everything here is a no-op (or the plain single-process path) when the process was not started by ``torchrun``
+(``WORLD_SIZE`` unset or 1), so the trainer calls these functions unconditionally.
+
+Work split: questions, not paths, are divided among ranks, so a question's G posterior and K prior paths stay on one
+rank and the group advantages need no communication. Each rank's loss is its sum over local questions divided by the
+*global* number of questions and multiplied by the world size; FSDP averages gradients over ranks, so N ranks with a
+global batch produce the gradient of one rank with the same global batch.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence, TypeVar
+
+import torch
+import torch.distributed as dist
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+
+def init_distributed(device: str | torch.device | None = None) -> DistInfo:
+    """Join the process group ``torchrun`` describes (NCCL on CUDA, gloo on CPU) and pick this rank's device."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", local_rank % max(1, torch.cuda.device_count()))
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    if world > 1 and not dist.is_initialized():
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        dist.init_process_group(backend=backend, device_id=device if device.type == "cuda" else None)
+        log.info("joined process group: rank %d of %d (%s, %s)", rank, world, backend, device)
+    return DistInfo(rank=rank, world_size=world, local_rank=local_rank, device=device)
+
+
+def shutdown(info: DistInfo) -> None:
+    if info.enabled and dist.is_initialized():
+        # A barrier first: tearing gloo down while a peer is still in a collective aborts the process.
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+def shard_for_rank(items: Sequence[T], info: DistInfo) -> list[T]:
+    """This rank's contiguous block of ``items`` (questions); blocks differ in size by at most one."""
+    n, w, r = len(items), info.world_size, info.rank
+    lo = r * n // w
+    hi = (r + 1) * n // w
+    return list(items[lo:hi])
+
+
+def loss_scale(local_questions: int, global_questions: int, info: DistInfo) -> float:
+    """Factor turning a rank's *sum* of per-question losses into its share of the global mean (see module doc)."""
+    if global_questions <= 0:
+        return 0.0
+    return info.world_size / global_questions if local_questions else 0.0
+
+
+def all_ranks_agree(ok: bool, info: DistInfo) -> bool:
+    """True only if every rank says ``ok``: a rank that failed makes all of them stop together."""
+    if not info.enabled:
+        return ok
+    flag = torch.tensor([1 if ok else 0], device=info.device if info.device.type == "cuda" else "cpu")
+    dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+    return bool(flag.item())
+
+
+def all_reduce_mean(values: dict[str, float], info: DistInfo) -> dict[str, float]:
+    """Mean of each scalar metric over ranks (for logging on rank 0)."""
+    if not info.enabled or not values:
+        return values
+    keys = sorted(values)
+    t = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64,
+                     device=info.device if info.device.type == "cuda" else "cpu")
+    dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    t /= info.world_size
+    return dict(zip(keys, t.tolist()))
+
+
+def all_reduce_sum(values: dict[str, float], info: DistInfo) -> dict[str, float]:
+    if not info.enabled or not values:
+        return values
+    keys = sorted(values)
+    t = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64,
+                     device=info.device if info.device.type == "cuda" else "cpu")
+    dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return dict(zip(keys, t.tolist()))
+
+
+def _decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
+    inner = getattr(model, "model", model)
+    layers = getattr(inner, "layers", None)
+    if layers is None and hasattr(inner, "get_decoder"):
+        layers = getattr(inner.get_decoder(), "layers", None)
+    return list(layers) if layers is not None else []
+
+
+def apply_fsdp(root: torch.nn.Module, hf_model: torch.nn.Module, info: DistInfo, *, mixed_precision: bool) -> None:
+    """Shard with FSDP2: each decoder layer is a unit, ``root`` (which owns the embeddings, final norm and the head,
+    tied or not) is the outer unit. The fused log-prob kernels run inside ``root.forward``, so they see the head
+    weight as FSDP gathers it and its gradient flows back through FSDP's hooks.
+
+    ``mixed_precision``: bf16 parameters for compute, fp32 gradient reduction (GPU runs).
+    """
+    if not info.enabled:
+        return
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    mesh = init_device_mesh(info.device.type, (info.world_size,))
+    kw = {"mesh": mesh}
+    if mixed_precision:
+        kw["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    layers = _decoder_layers(hf_model)
+    for layer in layers:
+        fully_shard(layer, **kw)
+    fully_shard(root, **kw)
+    log.info("FSDP2: %d decoder layers + root sharded over %d ranks", len(layers), info.world_size)
+
+
+def clip_grad_norm(params, max_norm: float) -> float:
+    """Gradient clipping that works for plain tensors and FSDP2's DTensors alike; returns the total norm."""
+    params = [p for p in params if p.grad is not None]
+    norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+    if hasattr(norm, "full_tensor"):
+        norm = norm.full_tensor()
+    return float(norm)
+
+
+def full_state_dict(model: torch.nn.Module, info: DistInfo) -> dict[str, torch.Tensor] | None:
+    """Full (unsharded) CPU state dict on rank 0, ``None`` on the others. Collective: every rank must call it."""
+    if not info.enabled:
+        return {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    sd = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    return sd if info.is_main else None
+
+
+def save_sharded(path: str | Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
+    """Model and optimizer state with torch.distributed.checkpoint: each rank writes its shards; the checkpoint can
+    be loaded on a different number of ranks (DCP reshards on load). Collective."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    msd, osd = get_state_dict(model, optimizer)
+    dcp.save({"model": msd, "optim": osd}, checkpoint_id=str(path))
+
+
+def load_sharded(path: str | Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    msd, osd = get_state_dict(model, optimizer)
+    state = {"model": msd, "optim": osd}
+    dcp.load(state, checkpoint_id=str(path))
+    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
