@@ -69,12 +69,15 @@ def _logits_tile(
 def _token_logprobs_fwd_kernel(
     H, W, B, Y, S,  # hidden [N, D], weight [V, D], bias [V], targets [N] int64, inverse temperatures [N] fp32
     M_out, L_out, T_out, E_out,  # partials [SPLITS, N] fp32: running max, sum e^{z-m}, target logit, sum e^{z-m} z
-    N, V, D, stride_h, stride_w, inv_t_scalar, v_per_split,
+    N, V, D, stride_h, stride_w, inv_t_scalar, v_per_split, NUM_SPLITS: tl.constexpr,
     HAS_BIAS: tl.constexpr, HAS_TEMP: tl.constexpr, WITH_ENTROPY: tl.constexpr, DOT_FP32: tl.constexpr, IEEE: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    pid_n = tl.program_id(0)
-    pid_s = tl.program_id(1)
+    # 1-D grid, split index fastest: the programs resident at one time cover few row blocks (their hidden blocks
+    # stay in L2 across the whole vocab walk) and several vocab splits (each W tile is read by all of them).
+    pid = tl.program_id(0)
+    pid_n = pid // NUM_SPLITS
+    pid_s = pid % NUM_SPLITS
     rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     row_mask = rows < N
     y = tl.load(Y + rows, mask=row_mask, other=-1)
@@ -121,8 +124,9 @@ def _token_logprobs_dlogits_kernel(
     HAS_BIAS: tl.constexpr, HAS_TEMP: tl.constexpr, WITH_ENTROPY: tl.constexpr, DOT_FP32: tl.constexpr, IEEE: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    pid_n = tl.program_id(0)
-    pid_v = tl.program_id(1)
+    # Vocab tiles fastest: the chunk's W slice (chunk x D) stays in L2 and each hidden block is read once per chunk.
+    pid_v = tl.program_id(0)
+    pid_n = tl.program_id(1)
     rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     row_mask = rows < N
     local = pid_v * BLOCK_V + tl.arange(0, BLOCK_V)
@@ -168,6 +172,19 @@ def _num_sms(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
+# L2 bytes we let the resident programs' hidden blocks occupy (H100: 50 MB L2; leave room for the W tiles).
+_L2_HIDDEN_BUDGET = 24 << 20
+
+
+def _default_splits(device: torch.device, n_blocks: int, v_tiles: int, hidden_block_bytes: int) -> int:
+    """Vocab splits for the forward: enough programs to fill the GPU when N is small, and few enough distinct row
+    blocks resident at once (about 2 programs per SM) that their hidden blocks fit in L2 for the whole vocab walk."""
+    resident = 2 * _num_sms(device)
+    fill = triton.cdiv(resident, n_blocks)
+    l2 = triton.cdiv(resident * hidden_block_bytes, _L2_HIDDEN_BUDGET)
+    return max(1, min(v_tiles, max(fill, l2)))
+
+
 def token_logprobs_forward(
     hidden: torch.Tensor,  # [N, D]
     weight: torch.Tensor,  # [V, D]
@@ -189,7 +206,7 @@ def token_logprobs_forward(
     n_blocks = triton.cdiv(n, bn)
     v_tiles = triton.cdiv(v, bv)
     if num_splits is None:
-        num_splits = min(v_tiles, max(1, triton.cdiv(2 * _num_sms(hidden.device), n_blocks)))
+        num_splits = _default_splits(hidden.device, n_blocks, v_tiles, bn * d * hidden.element_size())
     num_splits = max(1, min(int(num_splits), v_tiles))
     v_per_split = triton.cdiv(v_tiles, num_splits) * bv
     num_splits = triton.cdiv(v, v_per_split)
@@ -199,11 +216,11 @@ def token_logprobs_forward(
     l = torch.empty((num_splits, n), **f32)
     t = torch.empty((num_splits, n), **f32)
     e = torch.empty((num_splits, n), **f32) if with_entropy else m
-    grid = (n_blocks, num_splits)
+    grid = (n_blocks * num_splits,)
     _token_logprobs_fwd_kernel[grid](
         hidden, weight, bias if bias is not None else hidden, targets, inv_temp if inv_temp is not None else m,
         m, l, t, e,
-        n, v, d, hidden.stride(0), weight.stride(0), float(inv_temp_scalar), v_per_split,
+        n, v, d, hidden.stride(0), weight.stride(0), float(inv_temp_scalar), v_per_split, num_splits,
         HAS_BIAS=bias is not None, HAS_TEMP=inv_temp is not None, WITH_ENTROPY=with_entropy, DOT_FP32=INTERPRET,
         IEEE=hidden.dtype == torch.float32, **cfg,
     )
@@ -270,7 +287,7 @@ def token_logprobs_backward(
     for v_lo in range(0, v, width):
         v_hi = min(v, v_lo + width)
         cw = v_hi - v_lo
-        grid = (triton.cdiv(n, bn), triton.cdiv(cw, bv))
+        grid = (triton.cdiv(cw, bv), triton.cdiv(n, bn))
         _token_logprobs_dlogits_kernel[grid](
             hidden, weight, bias if bias is not None else hidden, targets, inv_temp if inv_temp is not None else lse,
             lse, mu if with_entropy else lse, grad_logp, grad_entropy if with_entropy else grad_logp,

@@ -27,12 +27,14 @@ def compile_one(kernel: str, dtype: str, arch: int) -> dict:
                "T_out": "*fp32", "E_out": "*fp32", "N": "i32", "V": "i32", "D": "i32", "stride_h": "i32",
                "stride_w": "i32", "inv_t_scalar": "fp32", "v_per_split": "i32"}
         fn = K._token_logprobs_fwd_kernel
+        extra = {"NUM_SPLITS": 8}
     else:
         sig = {"H": p, "W": p, "B": p, "Y": "*i64", "S": "*fp32", "LSE": "*fp32", "MU": "*fp32", "G": "*fp32",
                "GE": "*fp32", "DZ": p, "N": "i32", "D": "i32", "stride_h": "i32", "stride_w": "i32",
                "stride_dz": "i32", "inv_t_scalar": "fp32", "v_lo": "i32", "v_hi": "i32"}
         fn = K._token_logprobs_dlogits_kernel
-    consts = dict(HAS_BIAS=True, HAS_TEMP=True, WITH_ENTROPY=True, DOT_FP32=False, IEEE=dtype == "fp32",
+        extra = {}
+    consts = dict(**extra, HAS_BIAS=True, HAS_TEMP=True, WITH_ENTROPY=True, DOT_FP32=False, IEEE=dtype == "fp32",
                   **{k: cfg[k] for k in ("BLOCK_N", "BLOCK_V", "BLOCK_D")})
     sig.update({k: "constexpr" for k in consts})
     # The 16-byte divisibility the JIT infers at launch for aligned pointers and strides (D = 1536 here).
