@@ -1,0 +1,109 @@
+"""Data loading, answer grading and the evaluation loop (ACC, A.Tok, eps3, incremental JSONL, resume)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from vpgea.data import Example, load_jsonl_dataset
+from vpgea.engines.base import GenerationOutput
+from vpgea.eval import evaluate
+from vpgea.grading import extract_answer, is_correct
+
+
+@pytest.mark.parametrize("name,n,first_answer", [("gsm8k_test.jsonl", 1319, "18"), ("math500_test.jsonl", 500, None),
+                                                 ("aime24_test.jsonl", 30, None), ("amc23_test.jsonl", 40, None)])
+def test_loads_shared_sets(shared_data, name, n, first_answer):
+    ex = load_jsonl_dataset(shared_data / name)
+    assert len(ex) == n
+    assert all(e.question and e.answer for e in ex)
+    assert ex[0].source.endswith(f"{name}:1")
+    if first_answer is not None:
+        assert ex[0].answer == first_answer
+    if name == "amc23_test.jsonl":
+        assert ex[0].answer == "27"  # stored as 27.0
+
+
+def test_bad_files(tmp_path):
+    with pytest.raises(FileNotFoundError, match="nope.jsonl"):
+        load_jsonl_dataset(tmp_path / "nope.jsonl")
+    f = tmp_path / "bad.jsonl"
+    f.write_text('{"problem": "1+1", "answer": "2"}\n{"problem": "x", "answer": \n')
+    with pytest.raises(ValueError, match=r"bad\.jsonl:2: not valid JSON"):
+        load_jsonl_dataset(f)
+    f.write_text('{"problem": "1+1", "answer": "2"}\n{"problem": "x"}\n')
+    with pytest.raises(ValueError, match=r"bad\.jsonl:2: missing or empty field 'answer'"):
+        load_jsonl_dataset(f)
+    f.write_text('{"question": "q", "answer": "so 3\\n#### 3"}\n{"question": "q2", "answer": "no marker"}\n')
+    with pytest.raises(ValueError, match=r"bad\.jsonl:2: GSM8K"):
+        load_jsonl_dataset(f)
+    f.write_text("\n\n")
+    with pytest.raises(ValueError, match="no examples"):
+        load_jsonl_dataset(f)
+    f.write_text('{"q": "what", "a": "7"}\n')
+    assert load_jsonl_dataset(f, question_field="q", answer_field="a")[0] == Example("what", "7", f"{f}:1")
+
+
+@pytest.mark.parametrize("text,expected", [
+    (r"so \boxed{\frac{1}{2}} then \boxed{3}", "3"),
+    (r"nested \boxed{\frac{a}{\sqrt{b}}}.", r"\frac{a}{\sqrt{b}}"),
+    (r"truncated \boxed{12", None),
+    ("work\n#### 1,234", "1,234"),
+    ("The answer is 42.", "42"),
+    ("no answer here", None),
+])
+def test_extract_answer(text, expected):
+    assert extract_answer(text) == expected
+
+
+@pytest.mark.parametrize("pred,gold,ok", [
+    ("1,000", "1000", True), ("27", "27.0", True), ("0.5", r"\frac{1}{2}", True), (r"\dfrac{3}{4}", "0.75", True),
+    (r"\left( 3, \frac{\pi}{2} \right)", r"\left( 3, \frac{\pi}{2} \right)", True), (r"(3, \pi/2)",
+     r"\left( 3, \frac{\pi}{2} \right)", True), ("[1, 2)", "[1,2)", True), ("[1, 2]", "[1,2)", False),
+    ("17", "18", False), (None, "3", False), ("", "3", False), (r"2\sqrt{2}", r"\sqrt{8}", True),
+])
+def test_is_correct(pred, gold, ok):
+    assert is_correct(pred, gold) is ok
+
+
+class _CannedEngine:
+    """Returns a fixed response per prompt (keyed by the prompt's first token)."""
+
+    def __init__(self, table):
+        self.table = table
+        self.calls = 0
+
+    def generate(self, prompts, *, max_new_tokens, temperature=1.0, top_p=1.0, seed=None):
+        self.calls += 1
+        return [GenerationOutput(list(self.table[p[0]]), "stop") for p in prompts]
+
+
+class _Tok:
+    def decode(self, ids, skip_special_tokens=True):
+        return " ".join(f"\\boxed{{{i}}}" if i < 100 else "w" for i in ids)
+
+
+def test_evaluate_metrics_jsonl_and_resume(tmp_path):
+    examples = [Example("a", "5", "f:1"), Example("b", "7", "f:2"), Example("c", "9", "f:3")]
+    # problem 0: correct in 4 tokens; problem 1: wrong in 2; problem 2: no answer in 6.
+    engine = _CannedEngine({0: [100, 101, 102, 5], 1: [100, 3], 2: [100] * 6})
+    out = tmp_path / "r.jsonl"
+    res = evaluate(engine, _Tok(), examples, samples=2, batch_size=4, prompt_fn=lambda ex: [ord(ex.question) - 97],
+                   results_path=out)
+    assert res["acc"] == pytest.approx(1 / 3)
+    assert res["avg_tokens"] == pytest.approx(4.0)
+    assert res["eps3"] == pytest.approx((1 / 3) ** 2 / 4.0)
+    assert res["num_no_answer"] == 2 and res["num_responses"] == 6
+    assert res["avg_tokens_correct"] == 4.0 and res["avg_tokens_incorrect"] == 4.0
+    lines = [json.loads(x) for x in out.read_text().splitlines()]
+    assert len(lines) == 6 and {(r["problem"], r["sample"]) for r in lines} == {(i, s) for i in range(3)
+                                                                                 for s in range(2)}
+    # Interrupted run: keep 3 records plus a partial line, then resume generates only the other 3.
+    out.write_text("".join(json.dumps(r) + "\n" for r in lines[:3]) + '{"problem": 2, "sam')
+    engine2 = _CannedEngine(engine.table)
+    res2 = evaluate(engine2, _Tok(), examples, samples=2, batch_size=10,
+                    prompt_fn=lambda ex: [ord(ex.question) - 97], results_path=out, resume=True)
+    assert engine2.calls == 1
+    assert res2 == res
+    assert len(out.read_text().splitlines()) == 6

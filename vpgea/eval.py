@@ -1,0 +1,218 @@
+"""Evaluation: ACC, A.Tok and ε3 = ACC² / A.Tok on math data sets (``python -m vpgea.eval``).
+
+The trainer's before/after evaluation calls :func:`evaluate` too, so both report the same numbers the same way.
+Responses are appended to a JSONL file batch by batch (with their verdicts), so an interrupted evaluation keeps what it
+generated and ``--resume`` continues from there.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Callable
+
+from vpgea.data import Example, build_prompt, load_jsonl_dataset
+from vpgea.grading import extract_answer, is_correct
+
+__all__ = ["evaluate", "summarize", "main"]
+
+
+def summarize(records: list[dict]) -> dict:
+    """Metrics over response records (``correct``, ``num_tokens``, ``extracted``)."""
+    n = len(records)
+    if n == 0:
+        raise ValueError("no responses to summarize")
+    right = [r for r in records if r["correct"]]
+    wrong = [r for r in records if not r["correct"]]
+    acc = len(right) / n
+    avg_tokens = sum(r["num_tokens"] for r in records) / n
+
+    def mean_tokens(rs):
+        return sum(r["num_tokens"] for r in rs) / len(rs) if rs else 0.0
+
+    return {
+        "acc": acc,
+        "avg_tokens": avg_tokens,
+        "eps3": acc * acc / avg_tokens if avg_tokens > 0 else 0.0,
+        "num_responses": n,
+        "num_problems": len({r["problem"] for r in records}),
+        "num_correct": len(right),
+        "num_incorrect": len(wrong),
+        "avg_tokens_correct": mean_tokens(right),
+        "avg_tokens_incorrect": mean_tokens(wrong),
+        "num_no_answer": sum(1 for r in records if r["extracted"] is None),
+        "num_truncated": sum(1 for r in records if r.get("finish_reason") == "length"),
+    }
+
+
+def _read_done(path: Path) -> list[dict]:
+    records = []
+    with path.open(encoding="utf-8") as f:
+        for lineno, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError:
+                # A crash mid-write leaves at most one partial last line; anything else is corruption.
+                rest = f.read()
+                if rest.strip():
+                    raise ValueError(f"{path}:{lineno}: unreadable response record") from None
+    return records
+
+
+def evaluate(
+    engine,
+    tokenizer,
+    examples: list[Example],
+    *,
+    samples: int = 1,
+    max_new_tokens: int = 512,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    batch_size: int = 16,
+    prompt_fn: Callable[[Example], list[int]] | None = None,
+    results_path: str | Path | None = None,
+    resume: bool = False,
+    seed: int = 0,
+    progress: bool = False,
+) -> dict:
+    """Generate ``samples`` responses per example and score them.
+
+    Returns ``{"acc", "avg_tokens", "eps3", ...}`` (see :func:`summarize`): ACC is a fraction, A.Tok the mean number of
+    generated tokens per response (EOS included), ε3 = ACC² / A.Tok. With ``results_path`` every response is appended
+    there as JSON with its verdict; ``resume=True`` skips the (problem, sample) pairs already recorded.
+    """
+    if samples < 1:
+        raise ValueError(f"samples must be >= 1, got {samples}")
+    if not examples:
+        raise ValueError("evaluate: no examples")
+    prompt_fn = prompt_fn or (lambda ex: build_prompt(tokenizer, ex.question))
+    records: list[dict] = []
+    out_f = None
+    if results_path is not None:
+        results_path = Path(results_path)
+        results_path.parent.mkdir(parents=True, exist_ok=True)
+        if resume and results_path.exists():
+            records = _read_done(results_path)
+            # Rewrite without a partial last line so appends stay valid JSONL.
+            results_path.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
+        out_f = results_path.open("a" if resume else "w", encoding="utf-8")
+    done = {(r["problem"], r["sample"]) for r in records}
+    todo = [(i, s) for i, _ in enumerate(examples) for s in range(samples) if (i, s) not in done]
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(todo), desc="eval", unit="resp")
+    try:
+        for b in range(0, len(todo), batch_size):
+            chunk = todo[b : b + batch_size]
+            prompts = [prompt_fn(examples[i]) for i, _ in chunk]
+            outs = engine.generate(prompts, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+                                   seed=seed + b)
+            for (i, s), out in zip(chunk, outs):
+                text = tokenizer.decode(out.token_ids, skip_special_tokens=True)
+                pred = extract_answer(text)
+                rec = {
+                    "problem": i, "sample": s, "source": examples[i].source, "gold": examples[i].answer,
+                    "response": text, "extracted": pred, "correct": is_correct(pred, examples[i].answer),
+                    "num_tokens": len(out.token_ids), "finish_reason": out.finish_reason,
+                }
+                records.append(rec)
+                if out_f is not None:
+                    out_f.write(json.dumps(rec) + "\n")
+            if out_f is not None:
+                out_f.flush()
+            if bar is not None:
+                bar.update(len(chunk))
+    finally:
+        if out_f is not None:
+            out_f.close()
+        if bar is not None:
+            bar.close()
+    return summarize(records)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# command line
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m vpgea.eval", description=__doc__.splitlines()[0])
+    p.add_argument("--model", required=True, help="local Hugging Face model directory (with its tokenizer)")
+    p.add_argument("--data", required=True, nargs="+", help="JSONL files (GSM8K, MATH-500, AIME, AMC, or custom)")
+    p.add_argument("--samples", type=int, default=1, help="responses per problem (ACC averages over them)")
+    p.add_argument("--max-new-tokens", type=int, default=4096, help="generation length limit per response")
+    p.add_argument("--temperature", type=float, default=0.0, help="sampling temperature (0 = greedy)")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling threshold")
+    p.add_argument("--limit", type=int, default=None, help="only the first N problems of each file")
+    p.add_argument("--batch-size", type=int, default=32, help="prompts per generate call")
+    p.add_argument("--engine", choices=("hf", "vllm"), default="hf", help="rollout engine")
+    p.add_argument("--output", default="eval_results.json",
+                   help="summary JSON; responses go to <output stem>.<dataset>.responses.jsonl beside it")
+    p.add_argument("--question-field", default=None, help="question field name for custom JSONL")
+    p.add_argument("--answer-field", default=None, help="answer field name for custom JSONL")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted evaluation from its JSONL files")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed")
+    p.add_argument("--device", default=None, help="torch device for the hf engine (default: cuda if available)")
+    p.add_argument("--dtype", default=None, help="model dtype (default: the checkpoint's; bf16 on GPU)")
+    return p
+
+
+def _load_model_and_tokenizer(path: str, device: str | None, dtype: str | None, engine: str):
+    from pathlib import Path as _P
+
+    import torch
+    from transformers import AutoTokenizer
+
+    model_dir = _P(path)
+    if not model_dir.is_dir():
+        raise FileNotFoundError(f"--model: directory {path!r} does not exist")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
+    except Exception as e:
+        raise ValueError(f"--model: {path!r} holds no loadable tokenizer ({type(e).__name__}: {e})") from e
+    if engine == "vllm":
+        return str(model_dir), tokenizer
+    from transformers import AutoModelForCausalLM
+
+    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    torch_dtype = getattr(torch, dtype) if dtype else ("auto" if dev.type == "cpu" else torch.bfloat16)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch_dtype, local_files_only=True).to(dev)
+    model.eval()
+    return model, tokenizer
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    from vpgea.engines import make_engine
+
+    datasets = {}
+    for f in args.data:  # read every file before any generation: a typo fails in seconds, not hours
+        datasets[Path(f).stem] = load_jsonl_dataset(f, question_field=args.question_field,
+                                                    answer_field=args.answer_field, limit=args.limit)
+    model, tokenizer = _load_model_and_tokenizer(args.model, args.device, args.dtype, args.engine)
+    engine = make_engine(args.engine, model, tokenizer)
+    out = Path(args.output)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    results = {"model": str(args.model), "samples": args.samples, "max_new_tokens": args.max_new_tokens,
+               "temperature": args.temperature, "datasets": {}}
+    for name, examples in datasets.items():
+        res = evaluate(engine, tokenizer, examples, samples=args.samples, max_new_tokens=args.max_new_tokens,
+                       temperature=args.temperature, top_p=args.top_p, batch_size=args.batch_size,
+                       results_path=out.with_name(f"{out.stem}.{name}.responses.jsonl"), resume=args.resume,
+                       seed=args.seed, progress=True)
+        results["datasets"][name] = res
+        out.write_text(json.dumps(results, indent=2) + "\n")  # after each data set: nothing finished is lost
+    print(f"{'dataset':<20} {'ACC':>7} {'A.Tok':>9} {'eps3':>10} {'no-ans':>7}")
+    for name, r in results["datasets"].items():
+        print(f"{name:<20} {r['acc']:>7.4f} {r['avg_tokens']:>9.1f} {r['eps3']:>10.6f} {r['num_no_answer']:>7d}")
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
