@@ -160,9 +160,11 @@ def test_triton_vocab_splits_and_backward_chunks_agree():
     h, w, b, y = _make((21,), 301, 24, torch.float32, bias=True)
     inv_t = torch.rand(21) + 0.5
     outs = [token_logprobs_forward(h, w, b, y, inv_t, 1.0, True, num_splits=s) for s in (1, 2, 5)]
+    # Same math, another fp32 summation order across splits: a few ulps of |lse| (~6 here), and the entropy
+    # (lse - mu) inherits them.
     for o in outs[1:]:
         for a, r in zip(o, outs[0]):
-            torch.testing.assert_close(a, r, atol=2e-6, rtol=2e-6)
+            torch.testing.assert_close(a, r, atol=1e-5, rtol=1e-5)
     _, lse, mu, _ = outs[0]
     g, ge = torch.randn(21), torch.randn(21)
     full = token_logprobs_backward(h, w, b, y, inv_t, 1.0, lse, mu, g, ge, True, True, True)
