@@ -1,0 +1,75 @@
+"""The default run's in-code pieces: tokenizer, task, verbose traces, cached warm start."""
+
+from __future__ import annotations
+
+import random
+import re
+
+import pytest
+
+from vpgea import toy
+
+
+def test_tokenizer_roundtrip_and_chat_template():
+    tok = toy.build_tokenizer()
+    text = "7 +3 = 0 ; check 7 +3 = 0 ok ; \\boxed{ 0 }"
+    ids = tok(text, add_special_tokens=False)["input_ids"]
+    assert tok.unk_token_id not in ids
+    assert tok.decode(ids) == text
+    prompt = tok.apply_chat_template([{"role": "user", "content": "7 +3"}], tokenize=False, add_generation_prompt=True)
+    assert prompt == "<user> 7 +3 <assistant>"
+    assert tok.eos_token_id is not None and tok.pad_token_id is not None
+
+
+def test_examples_deterministic_and_splits_disjoint():
+    a = toy.make_examples(300, seed=1)
+    assert [e.question for e in a] == [e.question for e in toy.make_examples(300, seed=1)]
+    ev = toy.make_examples(100, seed=2, split="eval")
+    assert not {e.question for e in a} & {e.question for e in ev}
+    for e in a[:50]:
+        start, *ops = e.question.split()
+        v = int(start)
+        for op in ops:
+            v = (v + int(op)) % 10
+        assert e.answer == str(v) and 2 <= len(ops) <= 4
+    with pytest.raises(ValueError, match="split"):
+        toy.make_examples(1, seed=0, split="test")
+
+
+def test_verbose_traces():
+    task = toy.ToyTask(error_prob=0.0)
+    rng = random.Random(0)
+    exs = toy.make_examples(400, seed=3, task=task)
+    lengths, concise = [], 0
+    for e in exs:
+        tr = toy.verbose_trace(e.question, rng, task)
+        assert re.findall(r"\\boxed\{ (\d) \}", tr) == [e.answer]  # error-free traces end at the answer
+        n_ops = len(e.question.split()) - 1
+        lengths.append(len(tr.split()))
+        concise += ("check" not in tr and "wait" not in tr)
+        assert len(tr.split()) >= 5 * n_ops + 3
+    # Verbose on average, concise traces rare (about 0.175^n_ops).
+    assert sum(lengths) / len(lengths) > 40 and concise / len(exs) < 0.05
+    noisy = toy.ToyTask(error_prob=0.5)
+    wrong = sum(re.findall(r"\\boxed\{ (\d) \}", toy.verbose_trace(e.question, rng, noisy)) != [e.answer] for e in exs)
+    assert wrong > 100
+
+
+def test_task_validation_and_key():
+    with pytest.raises(ValueError, match="check_probs"):
+        toy.ToyTask(check_probs=(0.5, 0.4))
+    with pytest.raises(ValueError, match="max_ops"):
+        toy.ToyTask(min_ops=3, max_ops=2)
+    assert toy.ToyTask().key() == toy.ToyTask().key() != toy.ToyTask(seed=1).key()
+
+
+def test_warm_start_is_cached(tmp_path):
+    task = toy.ToyTask(sft_steps=3, sft_examples=50, sft_batch_size=4, hidden_size=16, num_layers=1, num_heads=2)
+    logs = []
+    d1, m1, tok = toy.warm_start(task, cache_dir=tmp_path, log=logs.append)
+    assert (d1 / "config.json").is_file() and (d1 / "tokenizer.json").is_file()
+    d2, m2, _ = toy.warm_start(task, cache_dir=tmp_path, log=logs.append)
+    assert d1 == d2 and "cached" in logs[-1]
+    for (n, a), (_, b) in zip(m1.state_dict().items(), m2.state_dict().items()):
+        assert (a == b).all(), n
+    assert not list(tmp_path.glob(".tmp-*"))

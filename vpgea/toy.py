@@ -1,0 +1,276 @@
+"""The self-contained default run's pieces, all built in code: a word-level tokenizer with a chat template, a tiny
+Llama, a synthetic multi-step arithmetic task with deliberately verbose warm-start traces, and a cached supervised
+warm start.
+
+The task: a start digit and 2-4 signed digits, e.g. ``7 +3 -5 +8``; the answer is the running value mod 10. A
+warm-start trace works through the operations one step at a time (``7 +3 = 0 ;``) but, like a verbose reasoning
+model, repeats redundant checks (``check 7 +3 = 0 ok ;``) and takes detours (``wait 7 +3 = 1 no 7 +3 = 0 ;``), and
+makes a wrong step now and then, which the checks never catch (they only repeat the step). So the warm-started model
+is moderately accurate and answers at length; fully concise traces (no check, no detour in any step) are rare in its
+training data (well under 1%). Nothing in the task ties length to correctness: checks and detours neither help nor
+hurt, so whether a trainer shortens answers without losing accuracy is up to the trainer.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import random
+import shutil
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+__all__ = [
+    "ToyTask",
+    "build_tokenizer",
+    "build_model",
+    "make_examples",
+    "verbose_trace",
+    "warm_start",
+]
+
+_SPECIALS = ["<pad>", "<eos>", "<unk>", "<user>", "<assistant>"]
+_WORDS = ["=", ";", "check", "ok", "wait", "no", "hint", "\\boxed{", "}"]
+_DIGITS = [str(d) for d in range(10)]
+_OPERANDS = [f"{s}{d}" for s in "+-" for d in range(1, 10)]
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<{{ m['role'] }}> {{ m['content'] }} {% endfor %}"
+    "{% if add_generation_prompt %}<assistant>{% endif %}"
+)
+
+
+@dataclass(kw_only=True, slots=True)
+class ToyTask:
+    """Settings of the synthetic task, the tiny model and its warm start (all part of the cache key)."""
+
+    min_ops: int = 2
+    """Fewest operations per question."""
+    max_ops: int = 4
+    """Most operations per question."""
+    check_probs: tuple[float, ...] = (0.25, 0.35, 0.25, 0.15)
+    """Probability of 0, 1, 2, ... redundant checks after each step of a warm-start trace."""
+    detour_prob: float = 0.3
+    """Probability that a step of a warm-start trace starts with a wrong attempt that it then corrects."""
+    error_prob: float = 0.08
+    """Probability that a step of a warm-start trace writes a wrong result (kept, and repeated by its checks)."""
+    hint_frac: float = 0.3
+    """Fraction of warm-start examples shown with the teacher-view hint in the prompt (same trace distribution)."""
+    hidden_size: int = 64
+    """Tiny Llama width."""
+    num_layers: int = 3
+    """Tiny Llama depth."""
+    num_heads: int = 4
+    """Attention heads (2 KV heads)."""
+    sft_examples: int = 4000
+    """Warm-start training traces."""
+    sft_steps: int = 1200
+    """Warm-start optimizer steps."""
+    sft_batch_size: int = 64
+    """Warm-start batch size."""
+    sft_lr: float = 3e-3
+    """Warm-start peak learning rate (cosine decay)."""
+    seed: int = 0
+    """Seed for the data, the initial weights and the warm start."""
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.min_ops <= self.max_ops:
+            raise ValueError(f"need 1 <= min_ops <= max_ops, got {self.min_ops}, {self.max_ops}")
+        if abs(sum(self.check_probs) - 1.0) > 1e-6:
+            raise ValueError(f"check_probs must sum to 1, got {self.check_probs}")
+        for name in ("detour_prob", "error_prob", "hint_frac"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)}")
+
+    def key(self) -> str:
+        """Short hash of every setting: the warm-start cache key."""
+        blob = json.dumps(asdict(self), sort_keys=True) + "|v2"
+        return hashlib.sha256(blob.encode()).hexdigest()[:12]
+
+
+# --- tokenizer and model --------------------------------------------------------------------------------------------
+
+
+def build_tokenizer():
+    """A word-level ``PreTrainedTokenizerFast`` (whitespace split) with EOS, padding and a minimal chat template."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {w: i for i, w in enumerate(_SPECIALS + _WORDS + _DIGITS + _OPERANDS)}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    hf = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>")
+    hf.chat_template = CHAT_TEMPLATE
+    return hf
+
+
+def build_model(task: ToyTask, tokenizer):
+    """A tiny random Llama sized for the toy vocabulary."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=task.hidden_size,
+        intermediate_size=task.hidden_size * 4,
+        num_hidden_layers=task.num_layers,
+        num_attention_heads=task.num_heads,
+        num_key_value_heads=max(1, task.num_heads // 2),
+        max_position_embeddings=512,
+        bos_token_id=None,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        tie_word_embeddings=True,
+    )
+    torch.manual_seed(task.seed)
+    return LlamaForCausalLM(config)
+
+
+# --- the task -------------------------------------------------------------------------------------------------------
+
+
+def _example_cls():
+    try:
+        from vpgea.data import Example
+    except ImportError:  # TEMPORARY until vpgea.data (EVAL) lands
+        from collections import namedtuple
+
+        Example = namedtuple("Example", "question answer source")
+    return Example
+
+
+def in_eval_split(question: str) -> bool:
+    """A fixed tenth of all questions (by hash) is held out for evaluation: never trained on, in any phase."""
+    return int(hashlib.sha256(question.encode()).hexdigest()[:8], 16) % 10 == 0
+
+
+def make_examples(n: int, *, seed: int, task: ToyTask | None = None, split: str = "train") -> list:
+    """``n`` questions of ``split`` ("train" or "eval") with answers, as ``vpgea.data.Example``."""
+    if split not in ("train", "eval"):
+        raise ValueError(f"split must be 'train' or 'eval', got {split!r}")
+    task = task or ToyTask()
+    Example = _example_cls()
+    rng = random.Random(seed)
+    out = []
+    i = 0
+    while len(out) < n:
+        i += 1
+        n_ops = rng.randint(task.min_ops, task.max_ops)
+        start = rng.randint(0, 9)
+        ops = [rng.choice(_OPERANDS) for _ in range(n_ops)]
+        value = start
+        for op in ops:
+            value = (value + int(op)) % 10
+        question = " ".join([str(start), *ops])
+        if in_eval_split(question) != (split == "eval"):
+            continue
+        out.append(Example(question=question, answer=str(value), source=f"toy:{seed}:{i}"))
+    return out
+
+
+def verbose_trace(question: str, rng: random.Random, task: ToyTask) -> str:
+    """A warm-start response for ``question``: steps with redundant checks, detours and occasional errors."""
+    start, *ops = question.split()
+    value = int(start)
+    parts = []
+    for op in ops:
+        true = (value + int(op)) % 10
+        result = true
+        if rng.random() < task.error_prob:
+            result = (true + rng.randint(1, 9)) % 10
+        step = f"{value} {op} = "
+        if rng.random() < task.detour_prob:
+            wrong = (result + rng.randint(1, 9)) % 10
+            parts.append(f"wait {step}{wrong} no")
+        parts.append(f"{step}{result} ;")
+        n_checks = rng.choices(range(len(task.check_probs)), weights=task.check_probs)[0]
+        parts.extend(f"check {step}{result} ok ;" for _ in range(n_checks))
+        value = result
+    parts.append(f"\\boxed{{ {value} }}")
+    return " ".join(parts)
+
+
+# --- supervised warm start ------------------------------------------------------------------------------------------
+
+
+def _encode_prompt(tokenizer, content: str) -> list[int]:
+    text = tokenizer.apply_chat_template([{"role": "user", "content": content}], tokenize=False, add_generation_prompt=True)
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def _sft(model, tokenizer, task: ToyTask, log) -> None:
+    rng = random.Random(task.seed + 1)
+    examples = make_examples(task.sft_examples, seed=task.seed + 1000, task=task, split="train")
+    seqs = []
+    for ex in examples:
+        content = ex.question + (f" hint {ex.answer}" if rng.random() < task.hint_frac else "")
+        prompt = _encode_prompt(tokenizer, content)
+        response = tokenizer(verbose_trace(ex.question, rng, task), add_special_tokens=False)["input_ids"]
+        seqs.append((prompt, response + [tokenizer.eos_token_id]))
+    opt = torch.optim.AdamW(model.parameters(), lr=task.sft_lr, weight_decay=0.0, betas=(0.9, 0.98))
+    warmup = max(1, task.sft_steps // 20)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt,
+        lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(1.0, s / task.sft_steps))),
+    )
+    gen = torch.Generator().manual_seed(task.seed + 2)
+    model.train()
+    t0 = time.time()
+    for step in range(task.sft_steps):
+        idx = torch.randint(len(seqs), (task.sft_batch_size,), generator=gen).tolist()
+        T = max(len(seqs[i][0]) + len(seqs[i][1]) for i in idx)
+        ids = torch.full((len(idx), T), tokenizer.pad_token_id)
+        labels = torch.full((len(idx), T), -100)
+        mask = torch.zeros((len(idx), T), dtype=torch.long)
+        for b, i in enumerate(idx):
+            p, r = seqs[i]
+            ids[b, : len(p) + len(r)] = torch.tensor(p + r)
+            labels[b, len(p) : len(p) + len(r)] = torch.tensor(r)
+            mask[b, : len(p) + len(r)] = 1
+        loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        if log is not None and (step % 100 == 0 or step == task.sft_steps - 1):
+            log(f"warm start {step:4d}/{task.sft_steps} | loss {loss.item():.4f} | {time.time() - t0:.0f}s")
+    model.eval()
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("VPGEA_CACHE", Path.home() / ".cache" / "vpgea"))
+
+
+def warm_start(task: ToyTask | None = None, *, cache_dir: str | os.PathLike | None = None, log=print):
+    """The warm-started tiny model and its tokenizer, trained once and cached under ``cache_dir/toy-<hash>``.
+
+    Returns ``(model_dir, model, tokenizer)``; ``model_dir`` holds a Hugging Face checkpoint with the tokenizer.
+    """
+    from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
+
+    task = task or ToyTask()
+    root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    model_dir = root / f"toy-{task.key()}"
+    if (model_dir / "config.json").is_file() and (model_dir / "tokenizer.json").is_file():
+        if log is not None:
+            log(f"warm start: cached at {model_dir}")
+        tokenizer = PreTrainedTokenizerFast.from_pretrained(model_dir)
+        return model_dir, AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32), tokenizer
+    tokenizer = build_tokenizer()
+    model = build_model(task, tokenizer)
+    _sft(model, tokenizer, task, log)
+    # Atomic publish: a crash mid-save never leaves a half-written cache entry behind.
+    tmp = root / f".tmp-{model_dir.name}-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    (tmp / "toy_task.json").write_text(json.dumps(asdict(task), indent=1))
+    if model_dir.exists():
+        shutil.rmtree(model_dir)
+    os.replace(tmp, model_dir)
+    return model_dir, model, tokenizer
