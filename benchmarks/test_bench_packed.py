@@ -141,7 +141,11 @@ def test_bench_packed_vs_padded():
         model = Qwen2ForCausalLM(cfg).to(torch.bfloat16)
     model.set_attn_implementation("sdpa")
     model.train()
-    model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    kw = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):  # the transformers 5.2x name
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kw)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kw)
 
     lengths = long_tailed_lengths(NUM_SEQS)
     prompts, completions, adv = make_workload(lengths, cfg.vocab_size)

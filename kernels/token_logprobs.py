@@ -69,7 +69,7 @@ def _logits_tile(
 def _token_logprobs_fwd_kernel(
     H, W, B, Y, S,  # hidden [N, D], weight [V, D], bias [V], targets [N] int64, inverse temperatures [N] fp32
     M_out, L_out, T_out, E_out,  # partials [SPLITS, N] fp32: running max, sum e^{z-m}, target logit, sum e^{z-m} z
-    N, V, D, stride_h, stride_w, inv_t_scalar, v_per_split, NUM_SPLITS: tl.constexpr,
+    N, V, D, stride_h, stride_w, inv_t_scalar, v_per_split, NUM_SPLITS,
     HAS_BIAS: tl.constexpr, HAS_TEMP: tl.constexpr, WITH_ENTROPY: tl.constexpr, DOT_FP32: tl.constexpr, IEEE: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
@@ -194,6 +194,7 @@ def token_logprobs_forward(
     inv_temp_scalar: float,
     with_entropy: bool,
     num_splits: int | None = None,
+    config: dict | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Returns ``(target_logit, lse, mu, entropy)``, each fp32 ``[N]`` (``mu``/``entropy`` empty without entropy).
 
@@ -201,7 +202,7 @@ def token_logprobs_forward(
     """
     n, d = hidden.shape
     v = weight.shape[0]
-    cfg = _config(n, v, d, hidden.dtype)
+    cfg = dict(config) if config else _config(n, v, d, hidden.dtype)
     bn, bv = cfg["BLOCK_N"], cfg["BLOCK_V"]
     n_blocks = triton.cdiv(n, bn)
     v_tiles = triton.cdiv(v, bv)
@@ -256,6 +257,21 @@ def _mm_fp32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return torch.mm(a.float(), b.float())
 
 
+_ADDMM_DTYPE_OK = True
+
+
+def _addmm_fp32_(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+    """``acc += a @ b`` with fp32 ``acc``: one cuBLAS call with beta = 1 and an fp32 output when available."""
+    global _ADDMM_DTYPE_OK
+    if a.dtype != torch.float32 and a.is_cuda and _ADDMM_DTYPE_OK:
+        try:
+            torch.ops.aten.addmm.dtype_out(acc, a, b, torch.float32, out=acc)
+            return
+        except (RuntimeError, AttributeError, TypeError):  # torch without the out_dtype overload
+            _ADDMM_DTYPE_OK = False
+    acc += _mm_fp32(a, b)
+
+
 def token_logprobs_backward(
     hidden: torch.Tensor,  # [N, D]
     weight: torch.Tensor,  # [V, D]
@@ -271,19 +287,25 @@ def token_logprobs_backward(
     need_weight: bool,
     need_bias: bool,
     workspace_bytes: int | None = None,
+    config: dict | None = None,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
-    """Returns ``(d_hidden [N, D], d_weight [V, D], d_bias [V])`` in fp32, ``None`` where not requested."""
+    """Returns ``(d_hidden [N, D] fp32, d_weight [V, D], d_bias [V])``, ``None`` where not requested.
+
+    ``d_weight`` and ``d_bias`` come back in the weight's dtype: each vocab chunk's rows are complete after one GEMM
+    over all N rows (accumulated in fp32 inside cuBLAS), so no fp32 ``[V, D]`` buffer is needed. ``d_hidden`` sums
+    over vocab chunks and is accumulated in fp32.
+    """
     n, d = hidden.shape
     v = weight.shape[0]
-    cfg = _config(n, v, d, hidden.dtype)
+    cfg = dict(config) if config else _config(n, v, d, hidden.dtype)
     bn, bv = cfg["BLOCK_N"], cfg["BLOCK_V"]
     with_entropy = grad_entropy is not None
     gemm_dtype = hidden.dtype
     width = _chunk_width(n, v, hidden.element_size(), bv, workspace_bytes)
     dz = torch.empty((n, width), device=hidden.device, dtype=gemm_dtype)
     d_hidden = torch.zeros((n, d), device=hidden.device, dtype=torch.float32) if need_hidden else None
-    d_weight = torch.empty((v, d), device=hidden.device, dtype=torch.float32) if need_weight else None
-    d_bias = torch.empty((v,), device=hidden.device, dtype=torch.float32) if need_bias else None
+    d_weight = torch.empty((v, d), device=hidden.device, dtype=weight.dtype) if need_weight else None
+    d_bias = torch.empty((v,), device=hidden.device, dtype=bias.dtype) if need_bias else None
     for v_lo in range(0, v, width):
         v_hi = min(v, v_lo + width)
         cw = v_hi - v_lo
@@ -298,9 +320,12 @@ def token_logprobs_backward(
         )
         chunk = dz[:, :cw]
         if need_weight:
-            d_weight[v_lo:v_hi] = _mm_fp32(chunk.t(), hidden)
+            if chunk.dtype == weight.dtype and chunk.is_cuda:
+                torch.mm(chunk.t(), hidden, out=d_weight[v_lo:v_hi])  # fp32 accumulation inside cuBLAS
+            else:
+                d_weight[v_lo:v_hi] = _mm_fp32(chunk.t(), hidden)
         if need_hidden:
-            d_hidden += _mm_fp32(chunk, weight[v_lo:v_hi])
+            _addmm_fp32_(d_hidden, chunk, weight[v_lo:v_hi])
         if need_bias:
             d_bias[v_lo:v_hi] = chunk.float().sum(dim=0)
     return d_hidden, d_weight, d_bias

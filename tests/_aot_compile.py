@@ -25,9 +25,9 @@ def compile_one(kernel: str, dtype: str, arch: int) -> dict:
     if kernel == "forward":
         sig = {"H": p, "W": p, "B": p, "Y": "*i64", "S": "*fp32", "M_out": "*fp32", "L_out": "*fp32",
                "T_out": "*fp32", "E_out": "*fp32", "N": "i32", "V": "i32", "D": "i32", "stride_h": "i32",
-               "stride_w": "i32", "inv_t_scalar": "fp32", "v_per_split": "i32"}
+               "stride_w": "i32", "inv_t_scalar": "fp32", "v_per_split": "i32", "NUM_SPLITS": "i32"}
         fn = K._token_logprobs_fwd_kernel
-        extra = {"NUM_SPLITS": 8}
+        extra = {}
     else:
         sig = {"H": p, "W": p, "B": p, "Y": "*i64", "S": "*fp32", "LSE": "*fp32", "MU": "*fp32", "G": "*fp32",
                "GE": "*fp32", "DZ": p, "N": "i32", "D": "i32", "stride_h": "i32", "stride_w": "i32",

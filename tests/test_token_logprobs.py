@@ -74,7 +74,11 @@ def _check_close(got, gold, ref_err_src, dtype, names):
         assert err <= bound, f"{name}: error {err:.3e} > bound {bound:.3e} (torch's own {torch_err:.3e}, scale {scale:.3e})"
 
 
-def _make(n_shape, v, d, dtype, *, bias, seed=0, device="cpu"):
+# The Triton path runs natively where a GPU exists, else under TRITON_INTERPRET=1 on CPU (set by conftest).
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _make(n_shape, v, d, dtype, *, bias, seed=0, device=DEV):
     g = torch.Generator().manual_seed(seed)
     h = torch.randn(*n_shape, d, generator=g).to(dtype).to(device)
     w = (torch.randn(v, d, generator=g) * d**-0.5 * 3).to(dtype).to(device)
@@ -84,7 +88,7 @@ def _make(n_shape, v, d, dtype, *, bias, seed=0, device="cpu"):
 
 
 def _case(impl, n_shape, v, d, dtype, *, bias=True, temp=1.0, ignore=True, grads=(True, True, True), entropy=True,
-          device="cpu"):
+          device=DEV):
     h, w, b, y = _make(n_shape, v, d, dtype, bias=bias, device=device)
     ignore_index = -100
     if ignore:
@@ -158,7 +162,7 @@ def test_triton_vocab_splits_and_backward_chunks_agree():
     from vpgea.kernels.token_logprobs import token_logprobs_backward, token_logprobs_forward
 
     h, w, b, y = _make((21,), 301, 24, torch.float32, bias=True)
-    inv_t = torch.rand(21) + 0.5
+    inv_t = (torch.rand(21) + 0.5).to(DEV)
     outs = [token_logprobs_forward(h, w, b, y, inv_t, 1.0, True, num_splits=s) for s in (1, 2, 5)]
     # Same math, another fp32 summation order across splits: a few ulps of |lse| (~6 here), and the entropy
     # (lse - mu) inherits them.
@@ -166,7 +170,7 @@ def test_triton_vocab_splits_and_backward_chunks_agree():
         for a, r in zip(o, outs[0]):
             torch.testing.assert_close(a, r, atol=1e-5, rtol=1e-5)
     _, lse, mu, _ = outs[0]
-    g, ge = torch.randn(21), torch.randn(21)
+    g, ge = torch.randn(21).to(DEV), torch.randn(21).to(DEV)
     full = token_logprobs_backward(h, w, b, y, inv_t, 1.0, lse, mu, g, ge, True, True, True)
     # 21 rows x 32 fp32 columns per chunk -> 10 chunks over V=301.
     chunked = token_logprobs_backward(h, w, b, y, inv_t, 1.0, lse, mu, g, ge, True, True, True,
@@ -200,11 +204,11 @@ def test_bad_inputs(impl):
     with pytest.raises(ValueError, match="temperature"):
         vpgea.token_logprobs(h, w, y, temperature=0.0, impl=impl)
     with pytest.raises(ValueError, match="temperature tensor"):
-        vpgea.token_logprobs(h, w, y, temperature=torch.ones(3), impl=impl)
+        vpgea.token_logprobs(h, w, y, temperature=torch.ones(3, device=DEV), impl=impl)
     with pytest.raises(ValueError, match=r"targets must be in \[0, 10\).*found 10 at flat position 2"):
-        vpgea.token_logprobs(h, w, torch.tensor([1, 2, 10, -100]), impl=impl)
+        vpgea.token_logprobs(h, w, torch.tensor([1, 2, 10, -100], device=DEV), impl=impl)
     with pytest.raises(ValueError, match="found -3"):
-        vpgea.token_logprobs(h, w, torch.tensor([1, -3, 0, 0]), impl=impl)
+        vpgea.token_logprobs(h, w, torch.tensor([1, -3, 0, 0], device=DEV), impl=impl)
     with pytest.raises(ValueError, match="impl must be"):
         vpgea.token_logprobs(h, w, y, impl="cuda")
 
@@ -215,7 +219,7 @@ def test_custom_ops_pass_opcheck_and_compile():
     from vpgea.logprobs import _triton_fwd
 
     h, w, b, y = _make((11,), 45, 16, torch.float32, bias=True)
-    inv_t = torch.rand(11) + 0.5
+    inv_t = (torch.rand(11) + 0.5).to(DEV)
     args = (h.requires_grad_(), w.requires_grad_(), b.requires_grad_(), y, inv_t, 1.0, -100, True)
     torch.library.opcheck(_triton_fwd, args, test_utils=("test_schema", "test_faketensor",
                                                          "test_autograd_registration"))
