@@ -7,7 +7,6 @@ import os
 import signal
 
 import pytest
-import torch
 
 from vpgea import toy, train
 from vpgea.config import TrainConfig, parse_args

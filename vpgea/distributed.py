@@ -14,7 +14,6 @@ from __future__ import annotations
 import logging
 import os
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Sequence, TypeVar
 
 import torch
@@ -82,33 +81,58 @@ def loss_scale(local_questions: int, global_questions: int, info: DistInfo) -> f
     return info.world_size / global_questions if local_questions else 0.0
 
 
+def _device(info: DistInfo) -> torch.device:
+    """Where collective tensors live: the rank's GPU for NCCL, the CPU for gloo."""
+    return info.device if info.device.type == "cuda" else torch.device("cpu")
+
+
+def barrier(info: DistInfo) -> None:
+    if info.enabled:
+        dist.barrier()
+
+
+def all_reduce_max(value: int, info: DistInfo) -> int:
+    """The largest ``value`` over ranks."""
+    if not info.enabled:
+        return int(value)
+    t = torch.tensor([int(value)], dtype=torch.int64, device=_device(info))
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return int(t.item())
+
+
+def gather_objects(obj, info: DistInfo) -> list | None:
+    """Every rank's picklable ``obj``, in rank order, on rank 0 (``None`` elsewhere). Collective."""
+    if not info.enabled:
+        return [obj]
+    out = [None] * info.world_size if info.is_main else None
+    dist.gather_object(obj, out, dst=0)
+    return out
+
+
+def broadcast_object(obj, info: DistInfo):
+    """Rank 0's ``obj`` on every rank. Collective."""
+    if not info.enabled:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
 def all_ranks_agree(ok: bool, info: DistInfo) -> bool:
     """True only if every rank says ``ok``: a rank that failed makes all of them stop together."""
     if not info.enabled:
         return ok
-    flag = torch.tensor([1 if ok else 0], device=info.device if info.device.type == "cuda" else "cpu")
+    flag = torch.tensor([1 if ok else 0], device=_device(info))
     dist.all_reduce(flag, op=dist.ReduceOp.MIN)
     return bool(flag.item())
 
 
-def all_reduce_mean(values: dict[str, float], info: DistInfo) -> dict[str, float]:
-    """Mean of each scalar metric over ranks (for logging on rank 0)."""
-    if not info.enabled or not values:
-        return values
-    keys = sorted(values)
-    t = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64,
-                     device=info.device if info.device.type == "cuda" else "cpu")
-    dist.all_reduce(t, op=dist.ReduceOp.SUM)
-    t /= info.world_size
-    return dict(zip(keys, t.tolist()))
-
-
 def all_reduce_sum(values: dict[str, float], info: DistInfo) -> dict[str, float]:
+    """Sum of each scalar over ranks (float64), on every rank. Collective."""
     if not info.enabled or not values:
-        return values
+        return dict(values)
     keys = sorted(values)
-    t = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64,
-                     device=info.device if info.device.type == "cuda" else "cpu")
+    t = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64, device=_device(info))
     dist.all_reduce(t, op=dist.ReduceOp.SUM)
     return dict(zip(keys, t.tolist()))
 
@@ -161,23 +185,3 @@ def full_state_dict(model: torch.nn.Module, info: DistInfo) -> dict[str, torch.T
 
     sd = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     return sd if info.is_main else None
-
-
-def save_sharded(path: str | Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
-    """Model and optimizer state with torch.distributed.checkpoint: each rank writes its shards; the checkpoint can
-    be loaded on a different number of ranks (DCP reshards on load). Collective."""
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import get_state_dict
-
-    msd, osd = get_state_dict(model, optimizer)
-    dcp.save({"model": msd, "optim": osd}, checkpoint_id=str(path))
-
-
-def load_sharded(path: str | Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
-
-    msd, osd = get_state_dict(model, optimizer)
-    state = {"model": msd, "optim": osd}
-    dcp.load(state, checkpoint_id=str(path))
-    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])

@@ -14,9 +14,10 @@ from pathlib import Path
 from typing import Callable
 
 from vpgea.data import Example, build_prompt, load_jsonl_dataset
+from vpgea.engines.base import derive_seed
 from vpgea.grading import extract_answer, is_correct
 
-__all__ = ["evaluate", "summarize", "main"]
+__all__ = ["evaluate", "generate_records", "summarize", "main"]
 
 
 def summarize(records: list[dict]) -> dict:
@@ -63,7 +64,7 @@ def _read_done(path: Path) -> list[dict]:
     return records
 
 
-def evaluate(
+def generate_records(
     engine,
     tokenizer,
     examples: list[Example],
@@ -78,17 +79,21 @@ def evaluate(
     resume: bool = False,
     seed: int = 0,
     progress: bool = False,
-) -> dict:
-    """Generate ``samples`` responses per example and score them.
+    shard: tuple[int, int] = (0, 1),
+) -> list[dict]:
+    """Generate ``samples`` responses per example, grade them, and return one record per response.
 
-    Returns ``{"acc", "avg_tokens", "eps3", ...}`` (see :func:`summarize`): ACC is a fraction, A.Tok the mean number of
-    generated tokens per response (EOS included), ε3 = ACC² / A.Tok. With ``results_path`` every response is appended
-    there as JSON with its verdict; ``resume=True`` skips the (problem, sample) pairs already recorded.
+    Response ``s`` of problem ``i`` samples with seed ``derive_seed(seed, i, s)``, so the records do not depend on the
+    batch size or on how the problems are split. ``shard=(rank, world)`` keeps the problems with ``i % world == rank``
+    (data-parallel evaluation; gather the records and call :func:`summarize`). With ``results_path`` every record is
+    appended there as JSON as soon as its batch is done; ``resume=True`` first reads the records already there and
+    skips those (problem, sample) pairs. Returns the records of this shard, the resumed ones included.
     """
     if samples < 1:
         raise ValueError(f"samples must be >= 1, got {samples}")
     if not examples:
         raise ValueError("evaluate: no examples")
+    rank, world = shard
     prompt_fn = prompt_fn or (lambda ex: build_prompt(tokenizer, ex.question))
     records: list[dict] = []
     out_f = None
@@ -101,7 +106,7 @@ def evaluate(
             results_path.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
         out_f = results_path.open("a" if resume else "w", encoding="utf-8")
     done = {(r["problem"], r["sample"]) for r in records}
-    todo = [(i, s) for i, _ in enumerate(examples) for s in range(samples) if (i, s) not in done]
+    todo = [(i, s) for i in range(rank, len(examples), world) for s in range(samples) if (i, s) not in done]
     bar = None
     if progress:
         from tqdm.auto import tqdm
@@ -112,7 +117,7 @@ def evaluate(
             chunk = todo[b : b + batch_size]
             prompts = [prompt_fn(examples[i]) for i, _ in chunk]
             outs = engine.generate(prompts, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
-                                   seed=seed + b)
+                                   seed=[derive_seed(seed, i, s) for i, s in chunk])
             for (i, s), out in zip(chunk, outs):
                 text = tokenizer.decode(out.token_ids, skip_special_tokens=True)
                 pred = extract_answer(text)
@@ -133,7 +138,16 @@ def evaluate(
             out_f.close()
         if bar is not None:
             bar.close()
-    return summarize(records)
+    return records
+
+
+def evaluate(engine, tokenizer, examples: list[Example], **kw) -> dict:
+    """Generate and score (see :func:`generate_records` for the arguments).
+
+    Returns ``{"acc", "avg_tokens", "eps3", ...}`` (see :func:`summarize`): ACC is a fraction, A.Tok the mean number of
+    generated tokens per response (EOS included), ε3 = ACC² / A.Tok.
+    """
+    return summarize(generate_records(engine, tokenizer, examples, **kw))
 
 
 # --------------------------------------------------------------------------------------------------------------------

@@ -178,11 +178,13 @@ def pack_sequences(
     )
 
 
-def micro_batches(lengths: Sequence[int], max_tokens: int) -> list[list[int]]:
+def micro_batches(lengths: Sequence[int], max_tokens: int, *, min_batches: int = 1) -> list[list[int]]:
     """Split sequences into micro-batches of at most ``max_tokens`` tokens each, balancing the tokens per batch.
 
     Longest-processing-time greedy: fill ``k`` batches longest sequence first, each into the least-loaded batch,
-    with ``k`` the fewest batches (from ``ceil(sum / max_tokens)`` up) for which everything fits. Returns lists of
+    with ``k`` the fewest batches (from ``max(ceil(sum / max_tokens), min_batches)`` up) for which everything fits.
+    ``min_batches`` (at most ``len(lengths)``; no batch is ever empty) lets data-parallel ranks agree on one count:
+    FSDP gathers parameters once per forward, so every rank must run the same number of forwards. Returns lists of
     indices into ``lengths``, each sorted; the lists are ordered by their first index. A sequence longer than
     ``max_tokens`` is an error naming it.
     """
@@ -199,8 +201,11 @@ def micro_batches(lengths: Sequence[int], max_tokens: int) -> list[list[int]]:
             )
     if not lengths:
         return []
+    if not 1 <= min_batches <= len(lengths):
+        raise ValueError(f"micro_batches: min_batches must be in [1, {len(lengths)}] (one per sequence at most), "
+                         f"got {min_batches}")
     order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
-    lo = -(-sum(lengths) // max_tokens)  # no fewer batches can hold the tokens
+    lo = max(-(-sum(lengths) // max_tokens), min_batches)  # no fewer batches can hold the tokens
     bins = _fill(lengths, order, lo, max_tokens)
     if bins is None:
         # Binary search for the fewest batches the greedy fills; one batch per sequence always fits.

@@ -145,8 +145,15 @@ class PolicyModel(torch.nn.Module):
     # ----------------------------------------------------------------------------------------------------------------
     # forward
 
-    def forward(self, batch: PackedBatch) -> torch.Tensor:
-        """Last hidden states ``[T, D]`` (final norm applied) of the packed batch; no logits."""
+    def forward(
+        self, batch: PackedBatch, *, logprobs: bool = False, temperature: float = 1.0, impl: str = "auto"
+    ) -> torch.Tensor:
+        """Last hidden states ``[T, D]`` (final norm applied) of the packed batch; no logits.
+
+        With ``logprobs=True``: float32 ``[T]``, the log-prob of each position's target (0 where it is -100),
+        computed from the hidden states and the head weight by :func:`vpgea.token_logprobs` inside this forward, so
+        that under FSDP2 (this module is the root unit, which owns the head) the kernel sees the gathered weight.
+        """
         device = self.device
         cu = batch.cu_seqlens.to(device, torch.int32)
         out = self.decoder(
@@ -158,7 +165,22 @@ class PolicyModel(torch.nn.Module):
             max_length_q=int(batch.max_seqlen),
             max_length_k=int(batch.max_seqlen),
         )
-        return out.last_hidden_state[0]  # [T, D]
+        hidden = out.last_hidden_state[0]  # [T, D]
+        if not logprobs:
+            return hidden
+        from .logprobs import token_logprobs
+
+        weight, bias = self.head_weight, self.head_bias
+        if hidden.is_cuda and torch.is_autocast_enabled("cuda"):
+            # Under autocast the residual stream (and so the final norm's output) stays fp32 while the head would
+            # run in the autocast dtype: cast both, as autocast does for any linear, so the fused kernel uses
+            # tensor cores. The gradient flows back through the casts to the fp32 weights.
+            dt = torch.get_autocast_dtype("cuda")
+            hidden, weight = hidden.to(dt), weight.to(dt)
+            bias = bias.to(dt) if bias is not None else None
+        return token_logprobs(
+            hidden, weight, batch.targets.to(hidden.device), bias=bias, temperature=temperature, impl=impl
+        )
 
     def forward_hidden(self, batch: PackedBatch) -> torch.Tensor:
         """Last hidden states ``[T, D]``; goes through ``__call__`` so module hooks (FSDP) fire."""
@@ -166,17 +188,7 @@ class PolicyModel(torch.nn.Module):
 
     def packed_logprobs(self, batch: PackedBatch, *, temperature: float = 1.0, impl: str = "auto") -> torch.Tensor:
         """float32 ``[T]``: log-prob of each position's target under the model (0 where the target is -100)."""
-        from .logprobs import token_logprobs
-
-        hidden = self.forward_hidden(batch)
-        return token_logprobs(
-            hidden,
-            self.head_weight,
-            batch.targets.to(hidden.device),
-            bias=self.head_bias,
-            temperature=temperature,
-            impl=impl,
-        )
+        return self(batch, logprobs=True, temperature=temperature, impl=impl)
 
     def sequence_logprobs(
         self,
@@ -187,12 +199,14 @@ class PolicyModel(torch.nn.Module):
         max_tokens: int | None = None,
         temperature: float = 1.0,
         impl: str = "auto",
+        min_micro_batches: int = 1,
     ) -> list[torch.Tensor]:
         """Per-token float32 log-probs of each completion (then its answer tail, when ``answers`` is given).
 
         Sequences are packed into micro-batches of at most ``max_tokens`` tokens (default: 4096, or the longest
-        sequence if longer). Differentiable when grad is enabled; each micro-batch's graph stays alive until the
-        caller's backward, so use a budget the memory allows.
+        sequence if longer), at least ``min_micro_batches`` of them (data-parallel ranks pass an agreed count: see
+        ``vpgea.packing.micro_batches``). Differentiable when grad is enabled; each micro-batch's graph stays alive
+        until the caller's backward, so use a budget the memory allows.
         """
         n = len(prompts)
         if len(completions) != n or (answers is not None and len(answers) != n):
@@ -209,7 +223,7 @@ class PolicyModel(torch.nn.Module):
             max_tokens = max(_MIN_MICRO_BATCH_TOKENS, max(lengths))
         roles = (ROLE_COMPLETION, ROLE_ANSWER) if answers is not None else ROLE_COMPLETION
         out: list[torch.Tensor | None] = [None] * n
-        for idx in micro_batches(lengths, max_tokens):
+        for idx in micro_batches(lengths, max_tokens, min_batches=min_micro_batches):
             batch = pack_sequences(
                 [prompts[i] for i in idx],
                 [completions[i] for i in idx],

@@ -74,6 +74,10 @@ class ToyTask:
     """Warm-start batch size."""
     sft_lr: float = 3e-3
     """Warm-start peak learning rate (cosine decay)."""
+    sft_weight_decay: float = 0.1
+    """Warm-start AdamW weight decay on the weight matrices. Without it the tiny model learns the format and the
+    copying within ~400 steps but the mod-10 arithmetic stays at chance (10% per step after 1200 steps); with 0.1 it
+    "groks" the table between steps 600 and 1000 (99% per step at 1200, teacher-forced on error-free traces)."""
     seed: int = 0
     """Seed for the data, the initial weights and the warm start."""
 
@@ -88,7 +92,7 @@ class ToyTask:
 
     def key(self) -> str:
         """Short hash of every setting: the warm-start cache key."""
-        blob = json.dumps(asdict(self), sort_keys=True) + "|v2"
+        blob = json.dumps(asdict(self), sort_keys=True) + "|v3"
         return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
 
@@ -132,16 +136,6 @@ def build_model(task: ToyTask, tokenizer):
 # --- the task -------------------------------------------------------------------------------------------------------
 
 
-def _example_cls():
-    try:
-        from vpgea.data import Example
-    except ImportError:  # TEMPORARY until vpgea.data (EVAL) lands
-        from collections import namedtuple
-
-        Example = namedtuple("Example", "question answer source")
-    return Example
-
-
 def in_eval_split(question: str) -> bool:
     """A fixed tenth of all questions (by hash) is held out for evaluation: never trained on, in any phase."""
     return int(hashlib.sha256(question.encode()).hexdigest()[:8], 16) % 10 == 0
@@ -151,8 +145,9 @@ def make_examples(n: int, *, seed: int, task: ToyTask | None = None, split: str 
     """``n`` questions of ``split`` ("train" or "eval") with answers, as ``vpgea.data.Example``."""
     if split not in ("train", "eval"):
         raise ValueError(f"split must be 'train' or 'eval', got {split!r}")
+    from vpgea.data import Example
+
     task = task or ToyTask()
-    Example = _example_cls()
     rng = random.Random(seed)
     out = []
     i = 0
@@ -210,7 +205,10 @@ def _sft(model, tokenizer, task: ToyTask, log) -> None:
         prompt = _encode_prompt(tokenizer, content)
         response = tokenizer(verbose_trace(ex.question, rng, task), add_special_tokens=False)["input_ids"]
         seqs.append((prompt, response + [tokenizer.eos_token_id]))
-    opt = torch.optim.AdamW(model.parameters(), lr=task.sft_lr, weight_decay=0.0, betas=(0.9, 0.98))
+    matrices = [p for p in model.parameters() if p.dim() >= 2]  # embeddings and projections; not norms
+    others = [p for p in model.parameters() if p.dim() < 2]
+    opt = torch.optim.AdamW([{"params": matrices, "weight_decay": task.sft_weight_decay},
+                             {"params": others, "weight_decay": 0.0}], lr=task.sft_lr, betas=(0.9, 0.98))
     warmup = max(1, task.sft_steps // 20)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt,

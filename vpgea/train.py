@@ -3,7 +3,9 @@
 With no arguments it runs the self-contained toy run on CPU: a tiny model and tokenizer built in code, a cached
 supervised warm start on deliberately verbose traces, evaluation, VPG-EA training, evaluation, the grpo-lp baseline
 on the same budget, evaluation, and ``summary.json``. With ``--model DIR --train-data FILE`` it trains a real model.
-The algorithm is in ../shared/DESIGN.md; the per-question arithmetic is in ``vpgea.algorithm``.
+Under ``torchrun`` with several processes the policy is sharded with FSDP2 and each rank takes its share of the
+step's questions (``vpgea.distributed``). The algorithm is in ../shared/DESIGN.md; the per-question arithmetic is in
+``vpgea.algorithm``.
 """
 
 from __future__ import annotations
@@ -21,14 +23,32 @@ from pathlib import Path
 import torch
 
 from vpgea import algorithm as alg
-from vpgea.checkpoint import capture_rng, load_trainer_state, restore_rng, save_checkpoint
+from vpgea.checkpoint import capture_rng, load_optimizer_state, load_trainer_state, restore_rng, save_checkpoint
 from vpgea.config import TrainConfig, parse_args
+from vpgea.distributed import (
+    DistInfo,
+    all_ranks_agree,
+    all_reduce_max,
+    all_reduce_sum,
+    barrier,
+    broadcast_object,
+    clip_grad_norm,
+    gather_objects,
+    init_distributed,
+    loss_scale,
+    shutdown,
+)
+from vpgea.engines.base import derive_seed
 
 __all__ = ["main", "train"]
 
+# Logs and progress bars come from rank 0 only (torchrun sets RANK; a plain process is rank 0).
+_IS_MAIN = os.environ.get("RANK", "0") == "0"
+
 
 def log(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
+    if _IS_MAIN:
+        print(msg, file=sys.stderr, flush=True)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -99,14 +119,12 @@ class Rollout:
     correct: bool
 
 
-def rollout(engine, tokenizer, cfg: TrainConfig, prompts: list[list[int]], golds: list[str], seed: int):
-    try:
-        from vpgea.grading import extract_answer, is_correct
-    except ImportError:  # TEMPORARY
-        extract_answer, is_correct = _fallback_extract, lambda p, g: p is not None and p == g
+def rollout(engine, tokenizer, cfg: TrainConfig, prompts: list[list[int]], golds: list[str], seeds: list[int]):
+    """Sample one response per prompt (prompt i with seed i), split off its path ``z`` and grade its answer."""
+    from vpgea.grading import extract_answer, is_correct
 
     outs = engine.generate(
-        prompts, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p, seed=seed
+        prompts, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p, seed=seeds
     )
     decode = lambda ids: tokenizer.decode(ids, skip_special_tokens=False)  # noqa: E731
     result = []
@@ -117,6 +135,22 @@ def rollout(engine, tokenizer, cfg: TrainConfig, prompts: list[list[int]], golds
         pred = extract_answer(tokenizer.decode(ids, skip_special_tokens=True))
         result.append(Rollout(ids, z, bool(is_correct(pred, gold))))
     return result
+
+
+def micro_batch_count(lengths: list[int], max_tokens: int, info: DistInfo) -> int:
+    """How many packed micro-batches one forward over sequences of ``lengths`` uses: the fewest that fit in one
+    process; under FSDP2 the largest such count over ranks, since every rank must run as many forwards (each one
+    gathers every unit's parameters) and, for the training pass, as many backwards."""
+    from vpgea.packing import micro_batches
+
+    if not info.enabled:
+        return 1
+    k = all_reduce_max(len(micro_batches(lengths, max_tokens)), info)
+    while True:  # the greedy packer may need more than k batches on some rank: agree on the largest
+        k_next = all_reduce_max(len(micro_batches(lengths, max_tokens, min_batches=k)), info)
+        if k_next == k:
+            return k
+        k = k_next
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -164,93 +198,113 @@ def lr_lambda(cfg: TrainConfig):
 
 
 def train(cfg: TrainConfig, policy, tokenizer, items: list[Item], out_dir: Path, *, engine, skipped: int = 0,
-          resume: dict | None = None) -> dict:
-    """Train ``policy`` (a ``PolicyModel``) in ``cfg.mode`` for ``cfg.max_steps`` steps; writes ``metrics.jsonl``
-    and checkpoints into ``out_dir``. Returns the last step's metrics."""
+          resume: dict | None = None, info: DistInfo | None = None) -> dict:
+    """Train ``policy`` (a ``PolicyModel``, FSDP2-sharded when ``info`` has several ranks) in ``cfg.mode`` for
+    ``cfg.max_steps`` steps; rank 0 writes ``metrics.jsonl``, every rank takes part in the checkpoints in ``out_dir``.
+    Returns the last step's metrics (the same on every rank)."""
     from tqdm.auto import tqdm
 
     from vpgea.grpo import grpo_loss
     from vpgea.losses import vpgea_loss
 
+    info = info or DistInfo(device=policy.device)
     if not items:
         raise ValueError("no training questions left (all prompts were over --max-prompt-tokens?)")
-    out_dir.mkdir(parents=True, exist_ok=True)
+    n_q = cfg.questions_per_step
+    if n_q % info.world_size:
+        raise ValueError(f"--questions-per-step {n_q} must be a multiple of the number of processes "
+                         f"({info.world_size}): each rank takes the same number of questions")
+    n_local = n_q // info.world_size
+    if info.is_main:
+        out_dir.mkdir(parents=True, exist_ok=True)
     device = policy.device
-    amp = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" and cfg.bf16 else contextlib.nullcontext()
+    # bf16 autocast on one GPU; under FSDP2 its mixed-precision policy casts the parameters instead.
+    use_amp = device.type == "cuda" and cfg.bf16 and not info.enabled
+    amp = torch.autocast("cuda", dtype=torch.bfloat16) if use_amp else contextlib.nullcontext()
     params = [p for p in policy.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.lr, betas=cfg.adam_betas, weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg))
     start = 0
     metrics_path = out_dir / "metrics.jsonl"
     if resume is not None:
-        opt.load_state_dict(resume["optimizer"])
+        load_optimizer_state(resume["_dir"], policy, opt)
         sched.load_state_dict(resume["scheduler"])
         restore_rng(resume["rng"])
         start = int(resume["step"])
-        if metrics_path.exists():  # drop lines past the checkpoint: they are recomputed
+        if info.is_main and metrics_path.exists():  # drop lines past the checkpoint: they are recomputed
             keep = [ln for ln in metrics_path.read_text().splitlines() if ln and json.loads(ln)["step"] <= start]
             metrics_path.write_text("".join(ln + "\n" for ln in keep))
-    elif metrics_path.exists():
+    elif info.is_main and metrics_path.exists():
         metrics_path.unlink()
+    barrier(info)
     vpgea = cfg.mode == "vpgea"
-    n_q = cfg.questions_per_step
     K, G = cfg.prior_samples, cfg.group_size
+    budget = cfg.max_tokens_per_micro_batch
+    scale = loss_scale(n_local, n_q, info)  # rank-local sum of question losses -> its share of the global mean
 
     def state(step: int) -> dict:
-        return {"optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "rng": capture_rng(),
-                "data_position": step * n_q, "mode": cfg.mode, "config": dataclasses.asdict(cfg)}
-
-    def checkpoint(step: int) -> Path:
-        return save_checkpoint(out_dir, step, model=policy, tokenizer=tokenizer, trainer_state=state(step),
-                               keep_last=cfg.keep_last)
+        return {"scheduler": sched.state_dict(), "rng": capture_rng(), "data_position": step * n_q,
+                "mode": cfg.mode, "config": dataclasses.asdict(cfg)}
 
     last: dict = {}
     bar = tqdm(range(start, cfg.max_steps), initial=start, total=cfg.max_steps, desc=cfg.mode, file=sys.stderr,
-               dynamic_ncols=True, disable=None)
-    with _Stop() as stop, open(metrics_path, "a") as mfile:
+               dynamic_ncols=True, disable=None if info.is_main else True)
+    mfile = open(metrics_path, "a") if info.is_main else contextlib.nullcontext()
+    with _Stop() as stop, mfile:
         for step in bar:
             t0 = time.perf_counter()
-            batch = [items[i] for i in batch_indices(step, n_q, len(items), cfg.seed)]
+            order = batch_indices(step, n_q, len(items), cfg.seed)  # the step's questions, the same on every rank
+            mine = range(info.rank * n_local, (info.rank + 1) * n_local)  # the positions this rank takes
+            batch = [items[order[j]] for j in mine]
             golds = [it.example.answer for it in batch]
+            # A rollout's seed names it (step, question position, view, sample): it is drawn the same on any rank.
+            seed = lambda j, view, k: derive_seed(cfg.seed, step, j, view, k)  # noqa: B023, E731
 
             # --- rollouts: K prior (student view) + G posterior (teacher view) per question; grpo-lp: G + K student
             engine.wake()
             if vpgea:
                 prompts = [it.student for it in batch for _ in range(K)] + [it.teacher for it in batch for _ in range(G)]
                 gold_rep = [g for g in golds for _ in range(K)] + [g for g in golds for _ in range(G)]
+                seeds = [seed(j, "prior", k) for j in mine for k in range(K)]
+                seeds += [seed(j, "post", k) for j in mine for k in range(G)]
             else:
                 prompts = [it.student for it in batch for _ in range(K + G)]
                 gold_rep = [g for g in golds for _ in range(K + G)]
-            outs = rollout(engine, tokenizer, cfg, prompts, gold_rep, seed=cfg.seed * 1_000_003 + step)
+                seeds = [seed(j, "grpo", k) for j in mine for k in range(K + G)]
+            outs = rollout(engine, tokenizer, cfg, prompts, gold_rep, seeds)
             engine.sleep()
-            gen_tokens = sum(len(o.ids) for o in outs)
             t_gen = time.perf_counter() - t0
 
-            loss_sum, train_tokens = 0.0, 0
-            rec: dict[str, list] = {k: [] for k in ("reward", "passed", "gate", "kl", "no_pass")}
+            # Rank-local sums; all-reduced into the step's metrics below.
+            tot = {"questions": float(n_local), "loss": 0.0, "reward": 0.0, "passed": 0.0, "gate": 0.0, "kl": 0.0,
+                   "no_pass": 0.0, "gen_tokens": float(sum(len(o.ids) for o in outs)), "train_tokens": 0.0,
+                   "prior_len": 0.0, "prior_n": 0.0, "prior_correct": 0.0, "post_len": 0.0, "post_n": 0.0,
+                   "post_correct": 0.0}
             if vpgea:
-                prior = [outs[q * K : (q + 1) * K] for q in range(n_q)]
-                post = [outs[n_q * K + q * G : n_q * K + (q + 1) * G] for q in range(n_q)]
+                prior = [outs[q * K : (q + 1) * K] for q in range(n_local)]
+                post = [outs[n_local * K + q * G : n_local * K + (q + 1) * G] for q in range(n_local)]
 
                 # --- prior-view scoring, no grad: U(z) = log P(a(y*) | S(x) + z) for every prior path
+                s_prompts = [it.student for it in batch for _ in range(K)]
+                s_paths = [o.z for ps in prior for o in ps]
+                s_tails = [it.tail for it in batch for _ in range(K)]
+                lengths = [len(a) + len(b) + len(c) for a, b, c in zip(s_prompts, s_paths, s_tails)]
                 with torch.no_grad(), amp:
-                    lps = policy.sequence_logprobs(
-                        [it.student for it in batch for _ in range(K)], [o.z for ps in prior for o in ps],
-                        answers=[it.tail for it in batch for _ in range(K)],
-                        max_tokens=cfg.max_tokens_per_micro_batch, impl=cfg.logprob_impl,
-                    )
+                    lps = policy.sequence_logprobs(s_prompts, s_paths, answers=s_tails, max_tokens=budget,
+                                                   impl=cfg.logprob_impl,
+                                                   min_micro_batches=micro_batch_count(lengths, budget, info))
                 u_prior = [torch.stack([lps[q * K + k][-len(batch[q].tail):].sum() for k in range(K)]).float().cpu()
-                           for q in range(n_q)]
+                           for q in range(n_local)]
 
                 # --- per question: one packed forward of both views, cross-view validation, eta, advantages, loss
                 for q, it in enumerate(batch):
                     zs = [o.z for o in post[q]]
-                    tails = [it.tail] * G
+                    q_prompts = [it.teacher] * G + [it.student] * G
+                    lengths = [len(p) + len(z) + len(it.tail) for p, z in zip(q_prompts, zs + zs)]
                     with amp:
-                        lps = policy.sequence_logprobs(
-                            [it.teacher] * G + [it.student] * G, zs + zs, answers=tails + tails,
-                            max_tokens=cfg.max_tokens_per_micro_batch, impl=cfg.logprob_impl,
-                        )
+                        lps = policy.sequence_logprobs(q_prompts, zs + zs, answers=[it.tail] * (2 * G),
+                                                       max_tokens=budget, impl=cfg.logprob_impl,
+                                                       min_micro_batches=micro_batch_count(lengths, budget, info))
                     teacher, student = lps[:G], lps[G:]
                     # The student-view forward of z + a(y*) already holds U(z_i): no separate scoring pass.
                     u_post = torch.stack([s[-len(it.tail):].sum().detach() for s in student]).float().cpu()
@@ -268,19 +322,23 @@ def train(cfg: TrainConfig, policy, tokenizer, items: list[Item], out_dir: Path,
                     cu = lens.cumsum(0).to(torch.int32).to(device)
                     loss, m = vpgea_loss(torch.cat(teacher), torch.cat(student), sc.advantage.to(device), cu,
                                          beta=cfg.beta, normalize=cfg.normalize, impl=cfg.logprob_impl)
-                    if bool((sc.advantage != 0).any()):  # all-zero advantages: zero loss, nothing to backpropagate
-                        (loss / n_q).backward()
-                    loss_sum += float(loss.detach())
-                    train_tokens += int(lens.sum()) * 2
-                    rec["reward"].append(sc.reward.mean().item())
-                    rec["passed"].append(sc.passed.float().mean().item())
-                    rec["gate"].append(float(m["gate_frac"]))
-                    rec["kl"].append(float(m["kl"]))
-                    rec["no_pass"].append(int(not bool(sc.passed.any())))
-                prior_len = sum(len(o.ids) for ps in prior for o in ps) / (n_q * K)
-                post_len = sum(len(o.ids) for ps in post for o in ps) / (n_q * G)
-                acc_prior = sum(o.correct for ps in prior for o in ps) / (n_q * K)
-                acc_post = sum(o.correct for ps in post for o in ps) / (n_q * G)
+                    # All-zero advantages give a zero loss; one process skips its backward, FSDP2 ranks must not
+                    # (every rank runs the same backwards).
+                    if info.enabled or bool((sc.advantage != 0).any()):
+                        (loss * scale).backward()
+                    tot["loss"] += float(loss.detach())
+                    tot["train_tokens"] += int(lens.sum()) * 2
+                    tot["reward"] += sc.reward.mean().item()
+                    tot["passed"] += sc.passed.float().mean().item()
+                    tot["gate"] += float(m["gate_frac"])
+                    tot["kl"] += float(m["kl"])
+                    tot["no_pass"] += float(not bool(sc.passed.any()))
+                    tot["post_len"] += sum(len(o.ids) for o in post[q])
+                    tot["post_n"] += G
+                    tot["post_correct"] += sum(o.correct for o in post[q])
+                    tot["prior_len"] += sum(len(o.ids) for o in prior[q])
+                    tot["prior_n"] += K
+                    tot["prior_correct"] += sum(o.correct for o in prior[q])
             else:
                 # --- grpo-lp: correctness + group-relative length penalty, GRPO advantages, on-policy surrogate
                 n = K + G
@@ -289,72 +347,79 @@ def train(cfg: TrainConfig, policy, tokenizer, items: list[Item], out_dir: Path,
                     reward = alg.length_penalty_reward(torch.tensor([o.correct for o in group]),
                                                        torch.tensor([len(o.ids) for o in group]), cfg.length_penalty)
                     adv = alg.group_advantages(reward)
-                    rec["reward"].append(reward.mean().item())
-                    if not bool((adv != 0).any()):
-                        continue
+                    tot["reward"] += reward.mean().item()
+                    tot["prior_len"] += sum(len(o.ids) for o in group)
+                    tot["prior_n"] += n
+                    tot["prior_correct"] += sum(o.correct for o in group)
+                    if not info.enabled and not bool((adv != 0).any()):
+                        continue  # zero advantages: zero loss; FSDP2 ranks run it anyway (same backwards)
+                    lengths = [len(it.student) + len(o.ids) for o in group]
                     with amp:
-                        lps = policy.sequence_logprobs([it.student] * n, [o.ids for o in group],
-                                                       max_tokens=cfg.max_tokens_per_micro_batch, impl=cfg.logprob_impl)
+                        lps = policy.sequence_logprobs([it.student] * n, [o.ids for o in group], max_tokens=budget,
+                                                       impl=cfg.logprob_impl,
+                                                       min_micro_batches=micro_batch_count(lengths, budget, info))
                     lens = torch.tensor([0] + [t.numel() for t in lps])
                     cu = lens.cumsum(0).to(torch.int32).to(device)
                     loss, _ = grpo_loss(torch.cat(lps), adv.to(device), cu, loss_type="grpo")
-                    (loss / n_q).backward()
-                    loss_sum += float(loss.detach())
-                    train_tokens += int(lens.sum())
-                prior_len = gen_tokens / len(outs)
-                post_len = None
-                acc_prior = sum(o.correct for o in outs) / len(outs)
-                acc_post = None
+                    (loss * scale).backward()
+                    tot["loss"] += float(loss.detach())
+                    tot["train_tokens"] += int(lens.sum())
 
             # --- optimizer step
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
+            grad_norm = clip_grad_norm(params, cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
             opt.step()
             sched.step()
             opt.zero_grad(set_to_none=True)
-            engine.update_weights(policy)
+            engine.update_weights(policy)  # a collective under FSDP2 (the shards are gathered)
 
-            # --- log
+            # --- log (sums over every rank's questions)
+            tot = all_reduce_sum(tot, info)
             dt = time.perf_counter() - t0
-            mean = lambda xs: (sum(xs) / len(xs)) if xs else None  # noqa: E731
+            ratio = lambda a, b: tot[a] / tot[b] if tot[b] else None  # noqa: E731
+            per_q = (lambda k: tot[k] / tot["questions"]) if vpgea else (lambda k: None)  # noqa: E731
             last = {
                 "step": step + 1,
-                "loss": loss_sum / n_q,
-                "reward_mean": mean(rec["reward"]),
-                "prior_len": prior_len,
-                "posterior_len": post_len,
-                "cross_view_pass": mean(rec["passed"]),
-                "gate_frac": mean(rec["gate"]),
-                "kl": mean(rec["kl"]),
-                "tokens_per_s": (gen_tokens + train_tokens) / dt,
+                "loss": tot["loss"] / tot["questions"],
+                "reward_mean": tot["reward"] / tot["questions"],
+                "prior_len": ratio("prior_len", "prior_n"),
+                "posterior_len": ratio("post_len", "post_n"),
+                "cross_view_pass": per_q("passed"),
+                "gate_frac": per_q("gate"),
+                "kl": per_q("kl"),
+                "tokens_per_s": (tot["gen_tokens"] + tot["train_tokens"]) / dt,
                 "step_time": dt,
                 "gen_time": t_gen,
-                "gen_tokens": gen_tokens,
-                "train_tokens": train_tokens,
-                "acc_prior": acc_prior,
-                "acc_posterior": acc_post,
-                "no_pass_questions": sum(rec["no_pass"]) if vpgea else None,
+                "gen_tokens": int(tot["gen_tokens"]),
+                "train_tokens": int(tot["train_tokens"]),
+                "acc_prior": ratio("prior_correct", "prior_n"),
+                "acc_posterior": ratio("post_correct", "post_n"),
+                "no_pass_questions": int(tot["no_pass"]) if vpgea else None,
                 "skipped_prompts": skipped,
                 "lr": sched.get_last_lr()[0],
-                "grad_norm": float(grad_norm),
+                "grad_norm": grad_norm,
             }
-            if not math.isfinite(last["loss"]):
+            if not math.isfinite(last["loss"]):  # the reduced loss: every rank raises together
                 raise FloatingPointError(f"step {step + 1}: loss is {last['loss']}")
-            mfile.write(json.dumps(last) + "\n")
-            mfile.flush()
-            if last["no_pass_questions"]:
-                bar.write(f"step {step + 1}: {last['no_pass_questions']}/{n_q} questions had no posterior path "
-                          "passing cross-view validation (zero advantages)")
-            if (step + 1) % cfg.log_every == 0:
-                post_s = f"{post_len:5.1f}" if post_len is not None else "  -  "
-                bar.set_postfix_str(f"loss {last['loss']:+.4f} | len {prior_len:5.1f}/{post_s} | acc {acc_prior:.2f}"
-                                    f" | {last['tokens_per_s']:.0f} tok/s")
-            # --- checkpoint
+            if info.is_main:
+                mfile.write(json.dumps(last) + "\n")
+                mfile.flush()
+                if last["no_pass_questions"]:
+                    bar.write(f"step {step + 1}: {last['no_pass_questions']}/{n_q} questions had no posterior path "
+                              "passing cross-view validation (zero advantages)")
+                if (step + 1) % cfg.log_every == 0:
+                    post_s = f"{last['posterior_len']:5.1f}" if vpgea else "  -  "
+                    bar.set_postfix_str(f"loss {last['loss']:+.4f} | len {last['prior_len']:5.1f}/{post_s} | "
+                                        f"acc {last['acc_prior']:.2f} | {last['tokens_per_s']:.0f} tok/s")
+            # --- checkpoint (a signal on any rank stops every rank)
+            interrupted = not all_ranks_agree(stop.signum is None, info)
             done = step + 1 == cfg.max_steps
-            if stop.signum is not None or done or (step + 1) % cfg.save_every == 0:
-                path = checkpoint(step + 1)
-                if stop.signum is not None:
+            if interrupted or done or (step + 1) % cfg.save_every == 0:
+                path = save_checkpoint(out_dir, step + 1, model=policy, tokenizer=tokenizer,
+                                       trainer_state=state(step + 1), optimizer=opt, keep_last=cfg.keep_last,
+                                       info=info)
+                if interrupted:
                     bar.close()
-                    raise Interrupted(stop.signum, path)
+                    raise Interrupted(stop.signum or signal.SIGTERM, path)
     bar.close()
     return last
 
@@ -363,19 +428,33 @@ def train(cfg: TrainConfig, policy, tokenizer, items: list[Item], out_dir: Path,
 # evaluation
 
 
-def evaluate(cfg: TrainConfig, engine, tokenizer, examples, results_path: Path | None = None) -> dict:
-    """ACC, A.Tok and eps3 through ``vpgea.eval.evaluate`` with the training student-view prompt."""
-    try:
-        from vpgea.eval import evaluate as eval_fn
-    except ImportError:  # TEMPORARY
-        eval_fn = _fallback_evaluate
+def evaluate(cfg: TrainConfig, engine, tokenizer, examples, results_path: Path | None = None,
+             info: DistInfo | None = None) -> dict:
+    """ACC, A.Tok and eps3 through ``vpgea.eval`` with the training student-view prompt. Under torchrun each rank
+    answers its share of the problems; rank 0 gathers the records, writes ``results_path`` and summarises, and every
+    rank returns the summary."""
+    from vpgea.eval import generate_records, summarize
 
-    res = eval_fn(engine, tokenizer, examples, samples=cfg.eval_samples, max_new_tokens=cfg.max_new_tokens,
-                  temperature=cfg.eval_temperature, batch_size=cfg.rollout_batch_size,
-                  prompt_fn=lambda ex: student_prompt(cfg, tokenizer, ex.question), results_path=results_path)
-    return {k: res[k] for k in ("acc", "avg_tokens", "eps3")} | {
-        k: v for k, v in res.items() if k not in ("acc", "avg_tokens", "eps3") and isinstance(v, (int, float))
-    }
+    info = info or DistInfo()
+    kw = dict(samples=cfg.eval_samples, max_new_tokens=cfg.max_new_tokens, temperature=cfg.eval_temperature,
+              batch_size=cfg.rollout_batch_size, prompt_fn=lambda ex: student_prompt(cfg, tokenizer, ex.question),
+              seed=cfg.seed, shard=(info.rank, info.world_size))
+    part = results_path
+    if info.enabled and results_path is not None:
+        part = results_path.with_name(f"{results_path.stem}.rank{info.rank}.jsonl")
+    parts = gather_objects(generate_records(engine, tokenizer, examples, results_path=part, **kw), info)
+    res = None
+    if info.is_main:
+        records = sorted((r for p in parts for r in p), key=lambda r: (r["problem"], r["sample"]))
+        if info.enabled and results_path is not None:
+            results_path.write_text("".join(json.dumps(r) + "\n" for r in records))
+            for r in range(info.world_size):
+                results_path.with_name(f"{results_path.stem}.rank{r}.jsonl").unlink(missing_ok=True)
+        full = summarize(records)
+        res = {k: full[k] for k in ("acc", "avg_tokens", "eps3")} | {
+            k: v for k, v in full.items() if k not in ("acc", "avg_tokens", "eps3") and isinstance(v, (int, float))
+        }
+    return broadcast_object(res, info)
 
 
 def fmt(r: dict) -> str:
@@ -386,26 +465,21 @@ def fmt(r: dict) -> str:
 # entry points
 
 
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(name)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError(f"--device {name}: CUDA is not available on this machine")
-    return dev
-
-
-def build(cfg: TrainConfig, hf_model, tokenizer, device):
+def build(cfg: TrainConfig, hf_model, tokenizer, info: DistInfo):
+    """The policy on this rank's device (sharded with FSDP2 under torchrun) and its rollout engine."""
+    from vpgea.distributed import apply_fsdp
     from vpgea.engines import make_engine
     from vpgea.policy import PolicyModel
 
-    policy = PolicyModel.from_model(hf_model.to(device), attn_impl=cfg.attn_impl)
+    policy = PolicyModel.from_model(hf_model.to(info.device), attn_impl=cfg.attn_impl)
     if cfg.gradient_checkpointing:
         policy.gradient_checkpointing_enable()
-    if cfg.engine == "hf":
-        engine = make_engine("hf", policy, tokenizer, batch_size=cfg.rollout_batch_size)
-    else:
-        engine = make_engine("vllm", cfg.model, tokenizer)
+    engine = None
+    if cfg.engine == "hf":  # built before sharding: under FSDP2 it decodes from its own full copy
+        engine = make_engine("hf", policy, tokenizer, batch_size=cfg.rollout_batch_size, replica=info.enabled)
+    apply_fsdp(policy, hf_model, info, mixed_precision=info.device.type == "cuda" and cfg.bf16)
+    if cfg.engine == "vllm":  # built from the policy: its current weights (a resumed run's) are pushed at once
+        engine = make_engine("vllm", policy, tokenizer, gpu_memory_utilization=cfg.vllm_gpu_memory_utilization)
     return policy, engine
 
 
@@ -416,7 +490,7 @@ def _load_weights(hf_model, checkpoint_dir: str) -> None:
     hf_model.load_state_dict(src.state_dict())
 
 
-def run_toy(cfg: TrainConfig) -> dict:
+def run_toy(cfg: TrainConfig, info: DistInfo) -> dict:
     """The default run: warm start (cached), evaluate, VPG-EA, evaluate, grpo-lp from the same start, evaluate."""
     from transformers import AutoModelForCausalLM
 
@@ -425,10 +499,13 @@ def run_toy(cfg: TrainConfig) -> dict:
     t_start = time.perf_counter()
     torch.manual_seed(cfg.seed)
     out = Path(cfg.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    device = resolve_device(cfg.device)
+    if info.is_main:
+        out.mkdir(parents=True, exist_ok=True)
     task = toy.ToyTask(sft_steps=cfg.toy_sft_steps)
-    model_dir, _, tokenizer = toy.warm_start(task, log=log)
+    if info.is_main:  # one rank trains the warm start; the others load it from the cache
+        toy.warm_start(task, log=log)
+    barrier(info)
+    model_dir, _, tokenizer = toy.warm_start(task, log=None)
     train_ex = toy.make_examples(cfg.toy_train_size, seed=cfg.seed + 1, task=task, split="train")
     eval_ex = toy.make_examples(cfg.eval_limit or 500, seed=cfg.seed + 2, task=task, split="eval")
     items, skipped = prepare(cfg, tokenizer, train_ex)
@@ -439,9 +516,13 @@ def run_toy(cfg: TrainConfig) -> dict:
     def fresh_model():
         return AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, local_files_only=True)
 
+    def save_summary():
+        if info.is_main:
+            summary_path.write_text(json.dumps(summary, indent=1))
+
     if "before" not in summary:
-        policy, engine = build(cfg, fresh_model(), tokenizer, device)
-        summary["before"] = evaluate(cfg, engine, tokenizer, eval_ex, out / "eval_before.jsonl")
+        policy, engine = build(cfg, fresh_model(), tokenizer, info)
+        summary["before"] = evaluate(cfg, engine, tokenizer, eval_ex, out / "eval_before.jsonl", info)
         log(f"before   | {fmt(summary['before'])}")
     modes = [cfg.mode] + (["grpo-lp"] if cfg.baseline and cfg.mode == "vpgea" else [])
     for mode in modes:
@@ -454,17 +535,17 @@ def run_toy(cfg: TrainConfig) -> dict:
         if resume is not None and resume["mode"] == mode:
             _load_weights(hf, resume["_dir"])
             r = resume
-        policy, engine = build(mcfg, hf, tokenizer, device)
-        train(mcfg, policy, tokenizer, items, out / key, engine=engine, skipped=skipped, resume=r)
-        summary[key] = evaluate(mcfg, engine, tokenizer, eval_ex, out / f"eval_{key}.jsonl")
+        policy, engine = build(mcfg, hf, tokenizer, info)
+        train(mcfg, policy, tokenizer, items, out / key, engine=engine, skipped=skipped, resume=r, info=info)
+        summary[key] = evaluate(mcfg, engine, tokenizer, eval_ex, out / f"eval_{key}.jsonl", info)
         log(f"{key:8s} | {fmt(summary[key])}")
-        summary_path.write_text(json.dumps(summary, indent=1))
+        save_summary()
     summary["wall_time_s"] = summary.get("wall_time_s", 0.0) + time.perf_counter() - t_start
-    summary_path.write_text(json.dumps(summary, indent=1))
+    save_summary()
     return summary
 
 
-def run_real(cfg: TrainConfig) -> dict:
+def run_real(cfg: TrainConfig, info: DistInfo) -> dict:
     """Train a local Hugging Face model on a JSONL data set; evaluate before/after when --eval-data is given."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -482,81 +563,70 @@ def run_real(cfg: TrainConfig) -> dict:
     if cfg.train_data is None:
         raise ValueError("--train-data is required with --model")
     examples = load_jsonl_dataset(cfg.train_data, question_field=cfg.question_field, answer_field=cfg.answer_field)
+    eval_ex = None
+    if cfg.eval_data:  # read before any model is loaded: a bad file fails in seconds
+        eval_ex = load_jsonl_dataset(cfg.eval_data, question_field=cfg.question_field, answer_field=cfg.answer_field,
+                                     limit=cfg.eval_limit)
     torch.manual_seed(cfg.seed)
-    device = resolve_device(cfg.device)
     out = Path(cfg.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    if info.is_main:
+        out.mkdir(parents=True, exist_ok=True)
     items, skipped = prepare(cfg, tokenizer, examples)
     if skipped:
         log(f"skipped {skipped} of {len(examples)} training prompts longer than --max-prompt-tokens "
             f"{cfg.max_prompt_tokens}")
     resume = load_trainer_state(cfg.resume) if cfg.resume else None
     src = resume["_dir"] if resume is not None else model_dir
-    # fp32 master weights; bf16 comes from autocast on GPU.
+    # fp32 master weights; bf16 comes from autocast (one GPU) or FSDP2's mixed precision (several).
     hf = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32, local_files_only=True)
-    policy, engine = build(cfg, hf, tokenizer, device)
-    eval_ex = None
+    policy, engine = build(cfg, hf, tokenizer, info)
     summary: dict = {}
-    if cfg.eval_data:
-        eval_ex = load_jsonl_dataset(cfg.eval_data, question_field=cfg.question_field, answer_field=cfg.answer_field,
-                                     limit=cfg.eval_limit)
-        if resume is None:
-            summary["before"] = evaluate(cfg, engine, tokenizer, eval_ex, out / "eval_before.jsonl")
-            log(f"before | {fmt(summary['before'])}")
-    summary["train"] = train(cfg, policy, tokenizer, items, out, engine=engine, skipped=skipped, resume=resume)
+    if eval_ex is not None and resume is None:
+        summary["before"] = evaluate(cfg, engine, tokenizer, eval_ex, out / "eval_before.jsonl", info)
+        log(f"before | {fmt(summary['before'])}")
+    summary["train"] = train(cfg, policy, tokenizer, items, out, engine=engine, skipped=skipped, resume=resume,
+                             info=info)
     if eval_ex is not None:
-        summary["after"] = evaluate(cfg, engine, tokenizer, eval_ex, out / "eval_after.jsonl")
+        summary["after"] = evaluate(cfg, engine, tokenizer, eval_ex, out / "eval_after.jsonl", info)
         log(f"after  | {fmt(summary['after'])}")
-    (out / "summary.json").write_text(json.dumps(summary, indent=1))
+    if info.is_main:
+        (out / "summary.json").write_text(json.dumps(summary, indent=1))
     return summary
 
 
 def main(argv: list[str] | None = None) -> int:
     cfg = parse_args(argv)
     if cfg.engine == "vllm":
-        from vpgea.engines import make_engine  # noqa: F401 - fail at start-up when vllm is missing
         import importlib.util
 
-        if importlib.util.find_spec("vllm") is None:
+        if importlib.util.find_spec("vllm") is None:  # fail at start-up, not after the model has loaded
             raise SystemExit("--engine vllm: the vllm package is not installed (pip install 'vpgea[vllm]')")
+    if cfg.device != "auto" and cfg.device.startswith("cuda") and not torch.cuda.is_available():
+        log(f"error: --device {cfg.device}: CUDA is not available on this machine")
+        return 2
+    info = init_distributed(None if cfg.device == "auto" else cfg.device)
+    where = f"rank {info.rank}: " if info.enabled else ""
+    if not info.is_main:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()  # one set of "Loading weights" bars, from rank 0
     try:
-        summary = run_toy(cfg) if cfg.is_toy else run_real(cfg)
+        if cfg.questions_per_step % info.world_size:
+            raise ValueError(f"--questions-per-step {cfg.questions_per_step} must be a multiple of the number of "
+                             f"processes ({info.world_size}): each rank takes the same number of questions")
+        summary = run_toy(cfg, info) if cfg.is_toy else run_real(cfg, info)
     except Interrupted as e:
         log(str(e))
+        shutdown(info)
         return 128 + e.signum
     except (FileNotFoundError, ValueError) as e:
-        log(f"error: {e}")
+        # Printed by every rank that hits it (input errors hit them all alike); torchrun then stops the others.
+        print(f"{where}error: {e}", file=sys.stderr, flush=True)
         return 2
-    if cfg.is_toy:
+    shutdown(info)
+    if cfg.is_toy and info.is_main:
         print(json.dumps({k: summary[k] for k in ("before", "vpgea", "grpo_lp") if k in summary}, indent=1))
     return 0
-
-
-
-# ----------------------------------------------------------------------------------------------------------------------
-# TEMPORARY fallbacks until vpgea.grading / vpgea.eval (EVAL) land
-def _fallback_extract(text):
-    i = text.rfind("\\boxed{")
-    if i < 0:
-        return None
-    j, depth = i + len("\\boxed{"), 1
-    for k in range(j, len(text)):
-        depth += {"{": 1, "}": -1}.get(text[k], 0)
-        if depth == 0:
-            return text[j:k].strip()
-    return None
-
-
-def _fallback_evaluate(engine, tokenizer, examples, *, samples=1, max_new_tokens=256, temperature=0.0,
-                       batch_size=64, prompt_fn=None, results_path=None, resume=False):
-    prompts = [prompt_fn(ex) for ex in examples for _ in range(samples)]
-    outs = engine.generate(prompts, max_new_tokens=max_new_tokens, temperature=temperature, seed=0)
-    golds = [ex.answer for ex in examples for _ in range(samples)]
-    correct = [_fallback_extract(tokenizer.decode(o.token_ids, skip_special_tokens=True)) == g
-               for o, g in zip(outs, golds)]
-    acc = sum(correct) / len(correct)
-    tok = sum(len(o.token_ids) for o in outs) / len(outs)
-    return {"acc": acc, "avg_tokens": tok, "eps3": acc * acc / max(tok, 1e-9)}
 
 
 if __name__ == "__main__":

@@ -1,27 +1,41 @@
 """A transformers-based rollout engine: batched sampling with a KV cache, on CPU or GPU.
 
-A hand-written decode loop rather than ``model.generate`` so that sampling draws from one seeded
-``torch.Generator`` (``generate`` only uses the global RNG) and so that the loop stays the same across transformers
-versions. Prompts are left-padded; position ids restart at 0 at each prompt's first real token, so a padded prompt
-sees the same positions as it would alone.
+A hand-written decode loop rather than ``model.generate`` so that seeded sampling is per prompt (each row draws
+from its own ``torch.Generator``; ``generate`` only uses the global RNG) and so that the loop stays the same across
+transformers versions. Prompts are left-padded; position ids restart at 0 at each prompt's first real token, so a
+padded prompt sees the same positions as it would alone.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 
-from vpgea.engines.base import GenerationOutput
+from vpgea.engines.base import GenerationOutput, resolve_seeds
 
 __all__ = ["HFEngine", "sample_next"]
 
 
+def _unwrap(model):
+    """The Hugging Face causal LM itself (a ``PolicyModel`` holds it as ``.model``)."""
+    return getattr(model, "model", model) if not hasattr(model, "generate") else model
+
+
 def sample_next(
-    logits: torch.Tensor, *, temperature: float, top_p: float, generator: torch.Generator | None
+    logits: torch.Tensor,
+    *,
+    temperature: float,
+    top_p: float,
+    generator: torch.Generator | None = None,
+    row_generators: Sequence[torch.Generator] | None = None,
 ) -> torch.Tensor:
     """Draw one token per row.
 
     logits: [B, V] float. temperature 0 means greedy. top_p < 1 keeps the smallest set of tokens whose probability
-    reaches top_p (the most likely token is always kept). Returns [B] int64.
+    reaches top_p (the most likely token is always kept). ``row_generators`` (B CPU generators): row b inverts its
+    CDF at one uniform draw from its own generator, so a row's samples depend only on its logits and its seed;
+    otherwise ``torch.multinomial`` with ``generator`` (or the global RNG). Returns [B] int64.
     """
     if temperature <= 0.0:
         return logits.argmax(dim=-1)
@@ -32,7 +46,14 @@ def sample_next(
         drop = (sorted_probs.cumsum(dim=-1) - sorted_probs) >= top_p
         sorted_probs = sorted_probs.masked_fill(drop, 0.0)
         probs = torch.zeros_like(probs).scatter_(-1, order, sorted_probs)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+    if row_generators is None:
+        return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+    if len(row_generators) != probs.shape[0]:
+        raise ValueError(f"sample_next: {len(row_generators)} row generators for {probs.shape[0]} rows")
+    u = torch.stack([torch.rand((), generator=g) for g in row_generators]).to(probs.device)  # [B] in [0, 1)
+    cdf = probs.cumsum(dim=-1)  # [B, V]; tokens removed by top_p add nothing, so they are never picked
+    idx = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None], right=True)[:, 0]
+    return idx.clamp(max=probs.shape[-1] - 1)
 
 
 class HFEngine:
@@ -42,6 +63,10 @@ class HFEngine:
     tokenizer: supplies ``eos_token_id`` and ``pad_token_id`` unless given explicitly.
     batch_size: prompts decoded together; prompts are sorted by length first to limit padding.
     stop_token_ids: ids that end a response (default: the tokenizer's EOS, plus the model's generation-config EOS).
+    replica: decode from a private copy of the model (made here, so build the engine before sharding the trainer's
+        model) that ``update_weights`` refreshes. Under FSDP2 the trainer's module gathers each layer's weights on
+        every forward, a collective that would hang as soon as two ranks stop decoding at different steps; the
+        replica decodes alone, as a vLLM engine would.
     """
 
     def __init__(
@@ -52,8 +77,15 @@ class HFEngine:
         batch_size: int = 64,
         stop_token_ids: list[int] | None = None,
         pad_token_id: int | None = None,
+        replica: bool = False,
     ) -> None:
-        self.model = getattr(model, "model", model) if not hasattr(model, "generate") else model
+        self.model = _unwrap(model)
+        self.replica = bool(replica)
+        if self.replica:
+            import copy
+
+            self.model = copy.deepcopy(self.model)
+            self.model.requires_grad_(False)
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         self.batch_size = batch_size
@@ -82,8 +114,9 @@ class HFEngine:
         max_new_tokens: int,
         temperature: float = 1.0,
         top_p: float = 1.0,
-        seed: int | None = None,
+        seed: int | Sequence[int] | None = None,
     ) -> list[GenerationOutput]:
+        """See ``RolloutEngine.generate``: with a seed, prompt i samples from its own generator."""
         if max_new_tokens < 0:
             raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
         if not 0.0 < top_p <= 1.0:
@@ -95,11 +128,7 @@ class HFEngine:
             return []
         if max_new_tokens == 0:
             return [GenerationOutput([], "length") for _ in prompts]
-        device = next(self.model.parameters()).device
-        generator = None
-        if seed is not None:
-            generator = torch.Generator(device=device)
-            generator.manual_seed(int(seed))
+        seeds = resolve_seeds(seed, len(prompts))
         order = sorted(range(len(prompts)), key=lambda i: (len(prompts[i]), i))
         results: list[GenerationOutput | None] = [None] * len(prompts)
         was_training = self.model.training
@@ -107,7 +136,10 @@ class HFEngine:
         try:
             for start in range(0, len(order), self.batch_size):
                 idx = order[start : start + self.batch_size]
-                outs = self._generate_batch([prompts[i] for i in idx], max_new_tokens, temperature, top_p, generator)
+                gens = None
+                if seeds is not None:  # CPU generators: cheap to make, and the draws are device-independent
+                    gens = [torch.Generator().manual_seed(seeds[i]) for i in idx]
+                outs = self._generate_batch([prompts[i] for i in idx], max_new_tokens, temperature, top_p, gens)
                 for i, out in zip(idx, outs):
                     results[i] = out
         finally:
@@ -115,10 +147,28 @@ class HFEngine:
         return results  # type: ignore[return-value]
 
     def update_weights(self, model) -> None:
-        """The engine shares the trainer's module, so there is nothing to copy; a different module replaces ours."""
-        model = getattr(model, "model", model) if not hasattr(model, "generate") else model
-        if model is not self.model:
-            self.model = model
+        """Without ``replica`` the engine shares the trainer's module: nothing to copy (a different module replaces
+        ours). With it, copy ``model``'s parameters into the replica, gathering FSDP2 shards (``DTensor``) one tensor
+        at a time: a collective, so every rank calls it."""
+        model = _unwrap(model)
+        if not self.replica:
+            if model is not self.model:
+                self.model = model
+            return
+        mine = dict(self.model.named_parameters())
+        theirs = dict(model.named_parameters())
+        if set(mine) != set(theirs):
+            raise ValueError(
+                f"HFEngine.update_weights: parameter names differ from the replica's "
+                f"(only in the model: {sorted(set(theirs) - set(mine))[:3]}, only in the replica: "
+                f"{sorted(set(mine) - set(theirs))[:3]})"
+            )
+        with torch.no_grad():
+            for name, p in theirs.items():  # a fixed order on every rank: the gathers must line up
+                t = p.detach()
+                if hasattr(t, "full_tensor"):
+                    t = t.full_tensor()
+                mine[name].copy_(t)
 
     def sleep(self) -> None:
         if torch.cuda.is_available():
@@ -130,7 +180,7 @@ class HFEngine:
     # --- decode loop ---------------------------------------------------------------------------------------------
 
     @torch.no_grad()
-    def _generate_batch(self, prompts, max_new_tokens, temperature, top_p, generator) -> list[GenerationOutput]:
+    def _generate_batch(self, prompts, max_new_tokens, temperature, top_p, gens) -> list[GenerationOutput]:
         device = next(self.model.parameters()).device
         B, P = len(prompts), max(len(p) for p in prompts)
         input_ids = torch.full((B, P), self.pad_token_id, dtype=torch.long)
@@ -150,7 +200,8 @@ class HFEngine:
         stopped = torch.zeros(B, dtype=torch.bool, device=device)
         tokens = []
         for step in range(max_new_tokens):
-            tok = sample_next(out.logits[:, -1, :], temperature=temperature, top_p=top_p, generator=generator)
+            # Every row draws every step (finished ones too), so each row's stream is independent of the others.
+            tok = sample_next(out.logits[:, -1, :], temperature=temperature, top_p=top_p, row_generators=gens)
             tok = torch.where(finished, torch.full_like(tok, self.pad_token_id), tok)  # [B]
             tokens.append(tok)
             hit = torch.isin(tok, stop) & ~finished

@@ -24,13 +24,12 @@ from __future__ import annotations
 import inspect
 import logging
 import os
-import random
 from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 
 import torch
 
-from vpgea.engines.base import GenerationOutput
+from vpgea.engines.base import GenerationOutput, request_seeds, resolve_seeds  # noqa: F401 (request_seeds re-exported)
 
 # vLLM V1 runs its engine core in a child process by default, where the model object is out of reach; in-process it
 # is a plain attribute and a weight push is a device-to-device copy. vLLM reads this variable when an engine is
@@ -54,23 +53,6 @@ _TAGS = ("weights", "kv_cache")  # what vLLM's sleep mode releases, by allocatio
 _RPC_CHUNK_BYTES = 512 << 20  # bytes of weights per collective_rpc call on the multiprocess fallback
 # Wrapper prefixes that activation checkpointing, torch.compile and FSDP1 insert into parameter names.
 _WRAPPER_PREFIXES = ("_checkpoint_wrapped_module.", "_orig_mod.", "_fsdp_wrapped_module.")
-
-
-def request_seeds(seed: int, n: int) -> list[int]:
-    """``n`` distinct per-request seeds in ``[0, 2**31)``, a pure function of ``seed``.
-
-    Distinct, so that duplicated prompts (the G samples of one question) draw different samples; derived from one
-    seed, so that a call with the same prompts and seed is reproducible.
-    """
-    rng = random.Random(int(seed))
-    seen: set[int] = set()
-    out: list[int] = []
-    while len(out) < n:
-        s = rng.getrandbits(31)
-        if s not in seen:
-            seen.add(s)
-            out.append(s)
-    return out
 
 
 def _unwrap(model):
@@ -235,13 +217,14 @@ class VLLMEngine:
         max_new_tokens: int,
         temperature: float = 1.0,
         top_p: float = 1.0,
-        seed: int | None = None,
+        seed: int | list[int] | None = None,
     ) -> list[GenerationOutput]:
         """One sampled response per prompt, in prompt order.
 
         prompts: token-id lists (no padding), each non-empty. temperature <= 0 means greedy. seed: request ``i``
-        samples with ``request_seeds(seed, len(prompts))[i]``, so the same call gives the same responses; ``None``
-        draws from the engine's generator. Wakes the engine first if it sleeps (and leaves it awake).
+        samples with ``resolve_seeds(seed, len(prompts))[i]`` (an int expands with ``request_seeds``; a list gives
+        each prompt its own), so the same call gives the same responses; ``None`` draws from the engine's
+        generator. Wakes the engine first if it sleeps (and leaves it awake).
         """
         if max_new_tokens < 0:
             raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
@@ -264,10 +247,11 @@ class VLLMEngine:
             max_tokens=int(max_new_tokens),
             stop_token_ids=list(self.stop_token_ids),
         )
-        if seed is None:
+        seeds = resolve_seeds(seed, len(prompts))
+        if seeds is None:
             params = self._sampling_params(**base)
         else:
-            params = [self._sampling_params(**base, seed=s) for s in request_seeds(seed, len(prompts))]
+            params = [self._sampling_params(**base, seed=s) for s in seeds]
         # A TokensPrompt is a TypedDict: the plain dict is the documented form and works on every version.
         requests = [{"prompt_token_ids": [int(t) for t in p]} for p in prompts]
         outs = self.llm.generate(requests, sampling_params=params, use_tqdm=False)
