@@ -108,7 +108,7 @@ def test_malformed_line_names_file_and_line(toy_run, capsys):
     lines = path.read_text().splitlines()
     lines[6] = lines[6][:25]  # a truncated line 7
     path.write_text("\n".join(lines) + "\n")
-    with pytest.raises(ValueError, match=r"metrics\.jsonl:7: unreadable"):
+    with pytest.raises(ValueError, match=r"metrics\.jsonl:7: not valid JSON"):
         plot.load_metrics(path)
     assert plot.main([str(toy_run), "--out", str(toy_run / "p")]) == 2
     assert f"{path}:7:" in capsys.readouterr().err

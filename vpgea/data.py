@@ -10,7 +10,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ["Example", "load_jsonl_dataset", "build_prompt", "DEFAULT_INSTRUCTION", "gsm8k_final_answer"]
+__all__ = ["Example", "iter_jsonl", "load_jsonl_dataset", "build_prompt", "DEFAULT_INSTRUCTION", "gsm8k_final_answer"]
 
 DEFAULT_INSTRUCTION = "Please reason step by step, and put your final answer within \\boxed{}."
 DEFAULT_HINT_TEMPLATE = (
@@ -32,6 +32,23 @@ def gsm8k_final_answer(solution: str) -> str | None:
     """The number after ``####`` in a GSM8K worked solution, commas removed; None if there is no marker."""
     m = _GSM8K_FINAL.search(solution)
     return m.group(1).replace(",", "").strip() if m else None
+
+
+def iter_jsonl(path: str | Path):
+    """``(where, record)`` for each non-blank line of a JSONL file, ``where`` being ``"file:line"``. A line that is not
+    valid JSON, or not a JSON object, raises ``ValueError`` naming its file and line."""
+    with Path(path).open(encoding="utf-8") as f:
+        for lineno, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            where = f"{path}:{lineno}"
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{where}: not valid JSON ({e.msg} at column {e.colno})") from None
+            if not isinstance(rec, dict):
+                raise ValueError(f"{where}: expected a JSON object, got {type(rec).__name__}")
+            yield where, rec
 
 
 def _answer_text(value) -> str:
@@ -59,37 +76,29 @@ def load_jsonl_dataset(
         raise FileNotFoundError(f"data file not found: {path}")
     examples: list[Example] = []
     q_field, a_field, gsm8k = question_field, answer_field, False
-    with path.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
-            if limit is not None and len(examples) >= limit:
-                break
-            if not line.strip():
-                continue
-            where = f"{path}:{lineno}"
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{where}: not valid JSON ({e.msg} at column {e.colno})") from None
-            if not isinstance(rec, dict):
-                raise ValueError(f"{where}: expected a JSON object, got {type(rec).__name__}")
-            if q_field is None:
-                q_field = "problem" if "problem" in rec else "question"
-            if a_field is None:
-                a_field = "answer"
-                gsm8k = q_field == "question" and isinstance(rec.get("answer"), str) and "####" in rec["answer"]
-            for field in (q_field, a_field):
-                if field not in rec or rec[field] is None or str(rec[field]).strip() == "":
-                    raise ValueError(
-                        f"{where}: missing or empty field {field!r} (fields present: {sorted(rec)}); "
-                        "use --question-field/--answer-field to name others"
-                    )
-            answer = rec[a_field]
-            if gsm8k:
-                final = gsm8k_final_answer(str(answer))
-                if final is None:
-                    raise ValueError(f"{where}: GSM8K-style answer without a '#### <number>' final line")
-                answer = final
-            examples.append(Example(question=str(rec[q_field]).strip(), answer=_answer_text(answer), source=where))
+    if limit is not None and limit <= 0:
+        raise ValueError(f"{path}: limit must be positive, got {limit}")
+    for where, rec in iter_jsonl(path):
+        if q_field is None:
+            q_field = "problem" if "problem" in rec else "question"
+        if a_field is None:
+            a_field = "answer"
+            gsm8k = q_field == "question" and isinstance(rec.get("answer"), str) and "####" in rec["answer"]
+        for field in (q_field, a_field):
+            if field not in rec or rec[field] is None or str(rec[field]).strip() == "":
+                raise ValueError(
+                    f"{where}: missing or empty field {field!r} (fields present: {sorted(rec)}); "
+                    "use --question-field/--answer-field to name others"
+                )
+        answer = rec[a_field]
+        if gsm8k:
+            final = gsm8k_final_answer(str(answer))
+            if final is None:
+                raise ValueError(f"{where}: GSM8K-style answer without a '#### <number>' final line")
+            answer = final
+        examples.append(Example(question=str(rec[q_field]).strip(), answer=_answer_text(answer), source=where))
+        if limit is not None and len(examples) >= limit:
+            break  # before the next line is read: nothing past the limit is parsed
     if not examples:
         raise ValueError(f"{path}: no examples (empty file)")
     return examples

@@ -37,19 +37,9 @@ FIGURES = [
 
 def load_metrics(path: str | Path) -> list[dict]:
     """The rows of a ``metrics.jsonl`` file; an unreadable line raises ``ValueError`` naming ``file:line``."""
-    rows = []
-    with open(path, encoding="utf-8") as f:
-        for i, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{i}: unreadable metrics line ({e.msg})") from None
-            if not isinstance(row, dict):
-                raise ValueError(f"{path}:{i}: expected a JSON object, got {type(row).__name__}")
-            rows.append(row)
-    return rows
+    from vpgea.data import iter_jsonl
+
+    return [row for _, row in iter_jsonl(path)]
 
 
 def find_runs(run_dir: str | Path) -> dict[str, Path]:

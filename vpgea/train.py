@@ -137,6 +137,14 @@ def rollout(engine, tokenizer, cfg: TrainConfig, prompts: list[list[int]], golds
     return result
 
 
+def questions_per_rank(cfg: TrainConfig, info: DistInfo) -> int:
+    """Each rank's share of ``--questions-per-step`` (the global batch), which must divide evenly."""
+    if cfg.questions_per_step % info.world_size:
+        raise ValueError(f"--questions-per-step {cfg.questions_per_step} must be a multiple of the number of "
+                         f"processes ({info.world_size}): each rank takes the same number of questions")
+    return cfg.questions_per_step // info.world_size
+
+
 def micro_batch_count(lengths: list[int], max_tokens: int, info: DistInfo) -> int:
     """How many packed micro-batches one forward over sequences of ``lengths`` uses: the fewest that fit in one
     process; under FSDP2 the largest such count over ranks, since every rank must run as many forwards (each one
@@ -211,10 +219,7 @@ def train(cfg: TrainConfig, policy, tokenizer, items: list[Item], out_dir: Path,
     if not items:
         raise ValueError("no training questions left (all prompts were over --max-prompt-tokens?)")
     n_q = cfg.questions_per_step
-    if n_q % info.world_size:
-        raise ValueError(f"--questions-per-step {n_q} must be a multiple of the number of processes "
-                         f"({info.world_size}): each rank takes the same number of questions")
-    n_local = n_q // info.world_size
+    n_local = questions_per_rank(cfg, info)
     if info.is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
     device = policy.device
@@ -611,9 +616,7 @@ def main(argv: list[str] | None = None) -> int:
 
         hf_logging.disable_progress_bar()  # one set of "Loading weights" bars, from rank 0
     try:
-        if cfg.questions_per_step % info.world_size:
-            raise ValueError(f"--questions-per-step {cfg.questions_per_step} must be a multiple of the number of "
-                             f"processes ({info.world_size}): each rank takes the same number of questions")
+        questions_per_rank(cfg, info)  # before any model is loaded
         summary = run_toy(cfg, info) if cfg.is_toy else run_real(cfg, info)
     except Interrupted as e:
         log(str(e))

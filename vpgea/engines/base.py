@@ -13,7 +13,35 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Literal, Protocol, runtime_checkable
 
-__all__ = ["GenerationOutput", "RolloutEngine", "derive_seed", "request_seeds", "resolve_seeds"]
+__all__ = ["GenerationOutput", "RolloutEngine", "check_generate_args", "derive_seed", "request_seeds", "resolve_seeds",
+           "stop_ids"]
+
+
+def check_generate_args(prompts: Sequence[Sequence[int]], max_new_tokens: int, top_p: float) -> None:
+    """The argument checks every engine's ``generate`` makes, with the messages they share."""
+    if max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+    if not 0.0 < top_p <= 1.0:
+        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+    for i, p in enumerate(prompts):
+        if len(p) == 0:
+            raise ValueError(f"prompt {i} is empty; a prompt needs at least one token")
+
+
+def stop_ids(engine: str, *sources) -> list[int]:
+    """Token ids that end a response: the ``eos_token_id`` (an int or a list) of each source that has one (a
+    tokenizer, a generation config), in order, without repeats. An error naming ``engine`` when there is none."""
+    out: list[int] = []
+    for source in sources:
+        eos = getattr(source, "eos_token_id", None)
+        if eos is None:
+            continue
+        for i in eos if isinstance(eos, (list, tuple)) else [eos]:
+            if int(i) not in out:
+                out.append(int(i))
+    if not out:
+        raise ValueError(f"{engine}: no stop token; the tokenizer has no eos_token_id and none was given")
+    return out
 
 
 def derive_seed(*parts: int | str) -> int:

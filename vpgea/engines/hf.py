@@ -12,7 +12,7 @@ from collections.abc import Sequence
 
 import torch
 
-from vpgea.engines.base import GenerationOutput, resolve_seeds
+from vpgea.engines.base import GenerationOutput, check_generate_args, resolve_seeds, stop_ids
 
 __all__ = ["HFEngine", "sample_next"]
 
@@ -90,17 +90,10 @@ class HFEngine:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         self.batch_size = batch_size
         if stop_token_ids is None:
-            stop_token_ids = []
-            for source in (tokenizer, getattr(self.model, "generation_config", None)):
-                eos = getattr(source, "eos_token_id", None)
-                if eos is None:
-                    continue
-                for i in eos if isinstance(eos, (list, tuple)) else [eos]:
-                    if i not in stop_token_ids:
-                        stop_token_ids.append(int(i))
-        if not stop_token_ids:
-            raise ValueError("HFEngine: no stop token; the tokenizer has no eos_token_id and none was given")
-        self.stop_token_ids = list(stop_token_ids)
+            stop_token_ids = stop_ids("HFEngine", tokenizer, getattr(self.model, "generation_config", None))
+        self.stop_token_ids = [int(i) for i in stop_token_ids]
+        if not self.stop_token_ids:
+            raise ValueError("HFEngine: stop_token_ids is empty; a response needs a token that ends it")
         if pad_token_id is None:
             pad_token_id = getattr(tokenizer, "pad_token_id", None)
         self.pad_token_id = int(pad_token_id if pad_token_id is not None else self.stop_token_ids[0])
@@ -117,13 +110,7 @@ class HFEngine:
         seed: int | Sequence[int] | None = None,
     ) -> list[GenerationOutput]:
         """See ``RolloutEngine.generate``: with a seed, prompt i samples from its own generator."""
-        if max_new_tokens < 0:
-            raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
-        if not 0.0 < top_p <= 1.0:
-            raise ValueError(f"top_p must be in (0, 1], got {top_p}")
-        for i, p in enumerate(prompts):
-            if len(p) == 0:
-                raise ValueError(f"prompt {i} is empty; a prompt needs at least one token")
+        check_generate_args(prompts, max_new_tokens, top_p)
         if not prompts:
             return []
         if max_new_tokens == 0:

@@ -29,7 +29,13 @@ from pathlib import Path
 
 import torch
 
-from vpgea.engines.base import GenerationOutput, request_seeds, resolve_seeds  # noqa: F401 (request_seeds re-exported)
+from vpgea.engines.base import (  # noqa: F401 (request_seeds re-exported)
+    GenerationOutput,
+    check_generate_args,
+    request_seeds,
+    resolve_seeds,
+    stop_ids,
+)
 
 # vLLM V1 runs its engine core in a child process by default, where the model object is out of reach; in-process it
 # is a plain attribute and a weight push is a device-to-device copy. vLLM reads this variable when an engine is
@@ -152,20 +158,13 @@ class VLLMEngine:
         self.path = str(path)
 
         if stop_token_ids is None:
-            stop_token_ids = []
             gen_cfg = getattr(_unwrap(source), "generation_config", None) if source is not None else None
             if gen_cfg is None:
                 gen_cfg = _load_generation_config(path)
-            for src in (tokenizer, gen_cfg):
-                eos = getattr(src, "eos_token_id", None)
-                if eos is None:
-                    continue
-                for i in eos if isinstance(eos, (list, tuple)) else [eos]:
-                    if int(i) not in stop_token_ids:
-                        stop_token_ids.append(int(i))
-        if not stop_token_ids:
-            raise ValueError("VLLMEngine: no stop token; the tokenizer has no eos_token_id and none was given")
+            stop_token_ids = stop_ids("VLLMEngine", tokenizer, gen_cfg)
         self.stop_token_ids = [int(i) for i in stop_token_ids]
+        if not self.stop_token_ids:
+            raise ValueError("VLLMEngine: stop_token_ids is empty; a response needs a token that ends it")
 
         if tensor_parallel_size == 1 and os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING") not in (None, "0"):
             log.warning(
@@ -226,13 +225,7 @@ class VLLMEngine:
         each prompt its own), so the same call gives the same responses; ``None`` draws from the engine's
         generator. Wakes the engine first if it sleeps (and leaves it awake).
         """
-        if max_new_tokens < 0:
-            raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
-        if not 0.0 < top_p <= 1.0:
-            raise ValueError(f"top_p must be in (0, 1], got {top_p}")
-        for i, p in enumerate(prompts):
-            if len(p) == 0:
-                raise ValueError(f"prompt {i} is empty; a prompt needs at least one token")
+        check_generate_args(prompts, max_new_tokens, top_p)
         if not prompts:
             return []
         if max_new_tokens == 0:  # vLLM needs max_tokens >= 1
