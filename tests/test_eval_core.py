@@ -107,3 +107,66 @@ def test_evaluate_metrics_jsonl_and_resume(tmp_path):
     assert engine2.calls == 1
     assert res2 == res
     assert len(out.read_text().splitlines()) == 6
+
+
+# --- python -m vpgea.eval end to end (a tiny model and tokenizer built in code) ----------------------------------
+
+
+@pytest.fixture
+def tiny_model_dir(tmp_path):
+    from vpgea import toy
+
+    tok = toy.build_tokenizer()
+    d = tmp_path / "model"
+    toy.build_model(toy.ToyTask(hidden_size=16, num_layers=1, num_heads=2), tok).save_pretrained(d)
+    tok.save_pretrained(d)
+    return d
+
+
+def test_cli_end_to_end_and_resume(tiny_model_dir, tmp_path, capsys):
+    from vpgea import eval as ev
+    from vpgea import toy
+
+    data = tmp_path / "toyset.jsonl"
+    data.write_text("".join(json.dumps({"question": e.question, "answer": f"... #### {e.answer}"}) + "\n"
+                            for e in toy.make_examples(5, seed=0)))
+    out = tmp_path / "res" / "eval.json"
+    args = ["--model", str(tiny_model_dir), "--data", str(data), "--samples", "2", "--max-new-tokens", "6",
+            "--temperature", "1.0", "--batch-size", "3", "--output", str(out)]
+    assert ev.main(args) == 0
+    table = capsys.readouterr().out
+    assert "toyset" in table and "eps3" in table
+    res = json.loads(out.read_text())["datasets"]["toyset"]
+    responses = out.with_name("eval.toyset.responses.jsonl")
+    records = [json.loads(line) for line in responses.read_text().splitlines()]
+    assert res["num_responses"] == len(records) == 10 and res["num_problems"] == 5
+    assert res["avg_tokens"] == pytest.approx(sum(r["num_tokens"] for r in records) / 10)
+    assert res["acc"] == pytest.approx(sum(r["correct"] for r in records) / 10)
+    # Resume after losing the last 4 responses: only those are generated again, to the same result (per-response
+    # seeds do not depend on which responses share a batch).
+    responses.write_text("".join(json.dumps(r) + "\n" for r in records[:6]))
+    assert ev.main([*args, "--resume"]) == 0
+    again = [json.loads(line) for line in responses.read_text().splitlines()]
+    key = lambda r: (r["problem"], r["sample"])  # noqa: E731
+    assert sorted(again, key=key) == sorted(records, key=key)
+
+
+def test_cli_bad_inputs(tiny_model_dir, tmp_path, capsys):
+    import importlib.util
+
+    from vpgea import eval as ev
+
+    data = tmp_path / "d.jsonl"
+    data.write_text(json.dumps({"problem": "1 +1", "answer": "2"}) + "\n")
+    assert ev.main(["--model", str(tmp_path / "nope"), "--data", str(data)]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    assert ev.main(["--model", str(tiny_model_dir), "--data", str(tmp_path / "missing.jsonl")]) == 2
+    assert "missing.jsonl" in capsys.readouterr().err
+    no_tok = tmp_path / "no_tok"
+    no_tok.mkdir()
+    (no_tok / "config.json").write_text((tiny_model_dir / "config.json").read_text())
+    assert ev.main(["--model", str(no_tok), "--data", str(data)]) == 2
+    assert "tokenizer" in capsys.readouterr().err
+    if importlib.util.find_spec("vllm") is None:
+        assert ev.main(["--model", str(tmp_path / "nope"), "--data", str(data), "--engine", "vllm"]) == 2
+        assert "vllm package is not installed" in capsys.readouterr().err

@@ -200,8 +200,7 @@ def _load_model_and_tokenizer(path: str, device: str | None, dtype: str | None, 
     return model, tokenizer
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+def _run(args: argparse.Namespace) -> int:
     from vpgea.engines import make_engine
 
     datasets = {}
@@ -221,11 +220,31 @@ def main(argv: list[str] | None = None) -> int:
                        seed=args.seed, progress=True)
         results["datasets"][name] = res
         out.write_text(json.dumps(results, indent=2) + "\n")  # after each data set: nothing finished is lost
-    print(f"{'dataset':<20} {'ACC':>7} {'A.Tok':>9} {'eps3':>10} {'no-ans':>7}")
+    print(f"{'dataset':<20} {'ACC':>7} {'A.Tok':>9} {'eps3':>10} {'Tok ok':>8} {'Tok bad':>8} {'no-ans':>7}")
     for name, r in results["datasets"].items():
-        print(f"{name:<20} {r['acc']:>7.4f} {r['avg_tokens']:>9.1f} {r['eps3']:>10.6f} {r['num_no_answer']:>7d}")
+        print(f"{name:<20} {r['acc']:>7.4f} {r['avg_tokens']:>9.1f} {r['eps3']:>10.6f} "
+              f"{r['avg_tokens_correct']:>8.1f} {r['avg_tokens_incorrect']:>8.1f} {r['num_no_answer']:>7d}")
     print(f"wrote {out}")
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    if args.samples < 1 or args.batch_size < 1 or args.max_new_tokens < 1:
+        print("error: --samples, --batch-size and --max-new-tokens must be >= 1", file=sys.stderr)
+        return 2
+    if args.engine == "vllm":
+        import importlib.util
+
+        if importlib.util.find_spec("vllm") is None:  # at start-up, before any file or model is read
+            print("error: --engine vllm: the vllm package is not installed (pip install 'vpgea[vllm]')",
+                  file=sys.stderr)
+            return 2
+    try:
+        return _run(args)
+    except (FileNotFoundError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":
