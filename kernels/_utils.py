@@ -1,4 +1,4 @@
-"""Helpers shared by the Triton launchers."""
+"""Helpers shared by the Triton launchers (torch only: importable without Triton)."""
 
 from __future__ import annotations
 
@@ -31,3 +31,24 @@ def triton_runnable(device: torch.device) -> bool:
 
 def next_pow2(x: int) -> int:
     return 1 << max(0, (int(x) - 1).bit_length())
+
+
+# torch >= 2.8 has mm/addmm overloads that take bf16/fp16 operands and write an fp32 result (fp32 accumulation
+# inside cuBLAS, no upcast copies). Older torch: upcast copies of the operands instead.
+_HAS_MM_OUT_DTYPE = hasattr(torch.ops.aten.mm, "dtype")
+_HAS_ADDMM_OUT_DTYPE = hasattr(torch.ops.aten.addmm, "dtype_out")
+
+
+def mm_fp32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``a @ b`` accumulated and returned in fp32 (cuBLAS bf16/fp16 GEMM with an fp32 output where available)."""
+    if a.dtype != torch.float32 and a.is_cuda and _HAS_MM_OUT_DTYPE:
+        return torch.ops.aten.mm.dtype(a, b, torch.float32)
+    return torch.mm(a.float(), b.float())
+
+
+def addmm_fp32_(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+    """``acc += a @ b`` with fp32 ``acc``: one cuBLAS call with beta = 1 and an fp32 output when available."""
+    if a.dtype != torch.float32 and a.is_cuda and _HAS_ADDMM_OUT_DTYPE:
+        torch.ops.aten.addmm.dtype_out(acc, a, b, torch.float32, out=acc)
+        return
+    acc += mm_fp32(a, b)

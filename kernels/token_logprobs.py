@@ -22,8 +22,9 @@ workspace; two GEMMs then produce ``dW[chunk] = dlogits.T @ h`` (complete, K = N
 (fp32 accumulator). The chunk width is chosen so the workspace stays a small fraction of the ``[N, V]`` fp32 logits.
 
 Offsets are 64-bit: ``N * V`` passes 2**31 at real sizes (16384 x 151936). Columns past ``V`` are masked to ``-inf``
-before the log-sum-exp, so vocab sizes that are multiples of nothing are exact. Targets are only compared with column
-indices, never used as addresses, so an out-of-range target cannot read out of bounds.
+before the log-sum-exp, so vocab sizes that are multiples of nothing are exact. Targets are only compared with the
+indices of valid columns, never used as addresses, so an out-of-range target cannot read out of bounds (its target
+logit comes out 0; ``vpgea.token_logprobs`` rejects such targets, or marks them NaN where the check cannot run).
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._utils import INTERPRET, next_pow2
+from ._utils import INTERPRET, addmm_fp32_, mm_fp32, next_pow2
 
 
 @triton.jit
@@ -105,7 +106,7 @@ def _token_logprobs_fwd_kernel(
         l = l * alpha + tl.sum(p, axis=1)
         if WITH_ENTROPY:
             e = e * alpha + tl.sum(p * tl.where(col_mask[None, :], z, 0.0), axis=1)  # 0 * -inf would be NaN
-        t += tl.sum(tl.where(cols[None, :] == y[:, None], z, 0.0), axis=1)
+        t += tl.sum(tl.where((cols[None, :] == y[:, None]) & col_mask[None, :], z, 0.0), axis=1)
         m = m_new
 
     out = pid_s.to(tl.int64) * N + rows
@@ -202,6 +203,9 @@ def token_logprobs_forward(
     """
     n, d = hidden.shape
     v = weight.shape[0]
+    if n == 0:  # no rows, no programs (a zero-size grid is an error)
+        empty = hidden.new_empty(0, dtype=torch.float32)
+        return empty, empty.clone(), empty.clone(), empty.clone()
     cfg = dict(config) if config else _config(n, v, d, hidden.dtype)
     bn, bv = cfg["BLOCK_N"], cfg["BLOCK_V"]
     n_blocks = triton.cdiv(n, bn)
@@ -247,31 +251,6 @@ def _chunk_width(n: int, v: int, elt: int, block_v: int, workspace_bytes: int | 
     return min(width, triton.cdiv(v, block_v) * block_v)
 
 
-def _mm_fp32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """``a @ b`` accumulated and returned in fp32 (cuBLAS bf16/fp16 GEMM with an fp32 output where available)."""
-    if a.dtype != torch.float32 and a.is_cuda:
-        try:
-            return torch.mm(a, b, out_dtype=torch.float32)
-        except (TypeError, RuntimeError):  # torch without the out_dtype overload (< 2.8)
-            pass
-    return torch.mm(a.float(), b.float())
-
-
-_ADDMM_DTYPE_OK = True
-
-
-def _addmm_fp32_(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
-    """``acc += a @ b`` with fp32 ``acc``: one cuBLAS call with beta = 1 and an fp32 output when available."""
-    global _ADDMM_DTYPE_OK
-    if a.dtype != torch.float32 and a.is_cuda and _ADDMM_DTYPE_OK:
-        try:
-            torch.ops.aten.addmm.dtype_out(acc, a, b, torch.float32, out=acc)
-            return
-        except (RuntimeError, AttributeError, TypeError):  # torch without the out_dtype overload
-            _ADDMM_DTYPE_OK = False
-    acc += _mm_fp32(a, b)
-
-
 def token_logprobs_backward(
     hidden: torch.Tensor,  # [N, D]
     weight: torch.Tensor,  # [V, D]
@@ -297,6 +276,10 @@ def token_logprobs_backward(
     """
     n, d = hidden.shape
     v = weight.shape[0]
+    if n == 0:  # no rows: every gradient is zero
+        return (hidden.new_zeros((0, d), dtype=torch.float32) if need_hidden else None,
+                weight.new_zeros((v, d)) if need_weight else None,
+                bias.new_zeros((v,)) if need_bias else None)
     cfg = dict(config) if config else _config(n, v, d, hidden.dtype)
     bn, bv = cfg["BLOCK_N"], cfg["BLOCK_V"]
     with_entropy = grad_entropy is not None
@@ -323,9 +306,9 @@ def token_logprobs_backward(
             if chunk.dtype == weight.dtype and chunk.is_cuda:
                 torch.mm(chunk.t(), hidden, out=d_weight[v_lo:v_hi])  # fp32 accumulation inside cuBLAS
             else:
-                d_weight[v_lo:v_hi] = _mm_fp32(chunk.t(), hidden)
+                d_weight[v_lo:v_hi] = mm_fp32(chunk.t(), hidden)
         if need_hidden:
-            _addmm_fp32_(d_hidden, chunk, weight[v_lo:v_hi])
+            addmm_fp32_(d_hidden, chunk, weight[v_lo:v_hi])
         if need_bias:
             d_bias[v_lo:v_hi] = chunk.float().sum(dim=0)
     return d_hidden, d_weight, d_bias

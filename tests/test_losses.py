@@ -312,6 +312,28 @@ def test_fused_linear_grad_in_forward_matches(impl, normalize):
         vpgea_loss_fused_linear(th, sh, w, tt, bad, adv, cu, beta=0.4, impl=impl, grad_in_forward=True)
 
 
+def test_grad_in_forward_under_no_grad_computes_no_gradient(monkeypatch):
+    # Under torch.no_grad the one-sweep variant must not pay for gradients it will never return: one GEMM per
+    # chunk (the logits), not three, and no [V, D] gradient buffer.
+    import vpgea.losses as L
+
+    calls = []
+    real = L.mm_fp32
+    monkeypatch.setattr(L, "mm_fp32", lambda a, b: calls.append((tuple(a.shape), tuple(b.shape))) or real(a, b))
+    cu = torch.tensor([0, 3, 7], dtype=torch.int32)
+    h = torch.randn(7, 8)
+    w = torch.randn(11, 8, requires_grad=True)
+    y = torch.randint(0, 11, (7,))
+    adv = torch.tensor([0.5, -0.5])
+    with torch.no_grad():
+        loss_ng, _ = vpgea_loss_fused_linear(h, h, w, y, y, adv, cu, beta=0.3, impl="torch", grad_in_forward=True)
+    assert calls == [((14, 8), (8, 11))]
+    calls.clear()
+    loss, _ = vpgea_loss_fused_linear(h, h, w, y, y, adv, cu, beta=0.3, impl="torch", grad_in_forward=True)
+    assert len(calls) == 2  # logits and dW (hidden does not require grad)
+    torch.testing.assert_close(loss_ng, loss.detach())
+
+
 def test_fused_linear_shape_errors():
     h = torch.randn(4, 8)
     w = torch.randn(11, 8)

@@ -86,8 +86,9 @@ def _check_inputs(hidden, weight, targets, bias, temperature, impl) -> None:
 
 
 def _check_target_range(targets: torch.Tensor, vocab: int, ignore_index: int, temp: torch.Tensor | None) -> None:
-    # Data-dependent checks sync the device; under torch.compile they are skipped (the kernels never read out of
-    # bounds: a target is only compared with column indices, so a bad one yields a wrong value, not a fault).
+    # Data-dependent checks sync the device; under torch.compile they are skipped. Nothing is then read out of bounds
+    # (the kernels only compare a target with column indices; the reference clamps before its gather), and a bad
+    # target's log-prob comes out NaN (``_bad_targets``), so the error still shows instead of a plausible number.
     if torch.compiler.is_compiling():
         return
     bad = ((targets < 0) | (targets >= vocab)) & (targets != ignore_index)
@@ -101,6 +102,11 @@ def _check_target_range(targets: torch.Tensor, vocab: int, ignore_index: int, te
         raise ValueError("token_logprobs: every per-token temperature must be > 0")
 
 
+def _bad_targets(targets: torch.Tensor, vocab: int, ignore_index: int) -> torch.Tensor:
+    """``[N]`` bool: targets outside ``[0, vocab)`` that are not ``ignore_index``."""
+    return ((targets < 0) | (targets >= vocab)) & (targets != ignore_index)
+
+
 # --------------------------------------------------------------------------------------------------------------------
 # torch reference
 
@@ -111,13 +117,15 @@ def _chunk_rows(vocab: int) -> int:
 
 
 def _ref_chunk(h, weight, bias, y, inv_t, ignore_index):
-    """Scaled fp32 logits ``[n, V]`` of one chunk, the valid-row mask and the clamped targets."""
+    """Scaled fp32 logits ``[n, V]`` of one chunk, the valid-row mask and the targets made safe to gather
+    (ignored and out-of-range ones point at column 0; ``_bad_targets`` marks the latter)."""
     logits = (h @ weight.t()).float()
     if bias is not None:
         logits = logits + bias.float()
     logits = logits * inv_t[:, None]
     valid = y != ignore_index
-    return logits, valid, torch.where(valid, y, torch.zeros_like(y))
+    safe = valid & ~_bad_targets(y, weight.shape[0], ignore_index)
+    return logits, valid, torch.where(safe, y, torch.zeros_like(y))
 
 
 class _TorchTokenLogprobs(torch.autograd.Function):
@@ -132,6 +140,7 @@ class _TorchTokenLogprobs(torch.autograd.Function):
                                           inv_temp[i : i + step], params.ignore_index)
             lse = torch.logsumexp(logits, dim=-1)
             lp = logits.gather(1, y[:, None])[:, 0] - lse
+            lp = torch.where(_bad_targets(targets[i : i + step], weight.shape[0], params.ignore_index), torch.nan, lp)
             logp[i : i + step] = torch.where(valid, lp, 0.0)
             if params.with_entropy:
                 p = torch.softmax(logits, dim=-1)
@@ -206,7 +215,8 @@ def _triton_fwd(
         hidden, weight, bias, targets, inv_temp, inv_temp_scalar, with_entropy
     )
     valid = targets != ignore_index
-    logp = torch.where(valid, tgt_logit - lse, 0.0)
+    logp = torch.where(_bad_targets(targets, weight.shape[0], ignore_index), torch.nan, tgt_logit - lse)
+    logp = torch.where(valid, logp, 0.0)
     if with_entropy:
         ent = torch.where(valid, ent, 0.0)
     return logp, ent, lse, mu

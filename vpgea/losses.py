@@ -30,6 +30,7 @@ from dataclasses import dataclass
 import torch
 
 from vpgea.grpo import grpo_loss
+from vpgea.kernels._utils import mm_fp32
 
 __all__ = ["vpgea_loss", "vpgea_loss_reference", "vpgea_loss_fused_linear", "grpo_loss", "NORMALIZE_MODES"]
 
@@ -266,18 +267,6 @@ def _token_coefs(advantages, cu_seqlens, num_tokens: int, beta: float, normalize
     return expand(per_seq_q), expand(per_seq_p)
 
 
-def _mm_f32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """``a @ b`` with an fp32 result; low-precision operands stay low precision on CUDA (fp32 accumulate)."""
-    if a.is_cuda:
-        if a.dtype != torch.float32:
-            try:
-                return torch.mm(a, b, out_dtype=torch.float32)
-            except (TypeError, RuntimeError):  # torch < 2.8 has no out_dtype overload
-                pass
-        return (a @ b).float()
-    return a.float() @ b.float()
-
-
 @dataclass(frozen=True)
 class _GIFParams:
     inv_temp: float
@@ -286,6 +275,7 @@ class _GIFParams:
     beta: float
     normalize: str
     impl: str  # of the loss reduction on the computed log-probs
+    grad_enabled: bool  # grad mode at the call: under no_grad no gradient is produced (needs_input_grad ignores it)
 
 
 class _FusedLinearGradInForward(torch.autograd.Function):
@@ -301,8 +291,9 @@ class _FusedLinearGradInForward(torch.autograd.Function):
     def forward(ctx, hidden, weight, bias, targets, coefs, advantages, cu_seqlens, params: _GIFParams):
         rows_total, dim = hidden.shape
         vocab = weight.shape[0]
-        need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        need_b = bias is not None and ctx.needs_input_grad[2]
+        need_h = params.grad_enabled and ctx.needs_input_grad[0]
+        need_w = params.grad_enabled and ctx.needs_input_grad[1]
+        need_b = params.grad_enabled and bias is not None and ctx.needs_input_grad[2]
         logp = hidden.new_empty(rows_total, dtype=torch.float32)
         dh = torch.empty_like(hidden) if need_h else None
         dw = torch.zeros(vocab, dim, device=weight.device, dtype=torch.float32) if need_w else None
@@ -315,24 +306,26 @@ class _FusedLinearGradInForward(torch.autograd.Function):
             valid = y != params.ignore_index
             yc = torch.where(valid, y, 0)[:, None]
             g = torch.where(valid, coefs[i : i + step], 0.0)[:, None]
-            z = _mm_f32(h, weight.t())  # [rows, V] fp32
+            z = mm_fp32(h, weight.t())  # [rows, V] fp32
             if bias is not None:
                 z += bias.float()
             z *= inv_t
             lse = torch.logsumexp(z, dim=-1, keepdim=True)
             logp[i : i + step] = torch.where(valid, (z.gather(1, yc) - lse)[:, 0], 0.0)
-            # z becomes dz in place: -g p, plus g at the target, times 1/temperature
-            z.sub_(lse).exp_().mul_(-g)
-            z.scatter_add_(1, yc, g)
-            z.mul_(inv_t)
-            dz = z.to(hidden.dtype)
-            if need_h:
-                dh[i : i + step] = (_mm_f32(dz, weight)).to(hidden.dtype)
-            if need_w:
-                dw += _mm_f32(dz.t(), h)
-            if need_b:
-                db += z.sum(0)
-            del z, dz
+            if need_h or need_w or need_b:
+                # z becomes dz in place: -g p, plus g at the target, times 1/temperature
+                z.sub_(lse).exp_().mul_(-g)
+                z.scatter_add_(1, yc, g)
+                z.mul_(inv_t)
+                dz = z.to(hidden.dtype)
+                if need_h:
+                    dh[i : i + step] = (mm_fp32(dz, weight)).to(hidden.dtype)
+                if need_w:
+                    dw += mm_fp32(dz.t(), h)
+                if need_b:
+                    db += z.sum(0)
+                del dz
+            del z
         t = params.num_tokens
         loss, metrics = vpgea_loss(logp[:t], logp[t:], advantages, cu_seqlens, beta=params.beta,
                                    normalize=params.normalize, impl=params.impl)
@@ -497,7 +490,8 @@ def vpgea_loss_fused_linear(
                     f"{int(targets[i])}"
                 )
         coef_q, coef_p = _token_coefs(advantages, cu_seqlens, num_tokens, float(beta), normalize)
-        params = _GIFParams(1.0 / float(temperature), ignore_index, num_tokens, float(beta), normalize, impl)
+        params = _GIFParams(1.0 / float(temperature), ignore_index, num_tokens, float(beta), normalize, impl,
+                            torch.is_grad_enabled())
         out = _FusedLinearGradInForward.apply(
             hidden, weight, bias, targets.long(), torch.cat([coef_q, coef_p]), advantages, cu_seqlens, params
         )
