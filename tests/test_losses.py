@@ -386,9 +386,12 @@ def test_cuda_source_compiles(tmp_path):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("normalize", NORMALIZE)
 def test_cuda_ext_matches_triton(dtype, normalize):
-    from vpgea._ext import load_error, load_loss_ext
+    from vpgea._ext import load_error, load_loss_ext, nvcc_path
 
     if load_loss_ext() is None:
+        if nvcc_path() is not None and os.environ.get("VPGEA_NO_EXT") != "1":
+            # With a GPU and nvcc the extension must build: a build failure is a failure, not a skip.
+            pytest.fail(f"CUDA and nvcc are present but the extension did not build: {load_error()}")
         pytest.skip(f"CUDA extension unavailable: {load_error()}")
     q, p, adv, cu = make_paths(LENGTHS * 20, seed=11, dtype=dtype)
     results = {}

@@ -312,29 +312,29 @@ def _attention_forward(
     return out.reshape(b, t, h, -1), None
 
 
-def _mask_function(
-    batch_size: int,
-    q_length: int,
-    kv_length: int,
-    q_offset=0,
-    kv_offset: int = 0,
-    attention_mask: torch.Tensor | None = None,
-    **kwargs,
-):
+def _mask_function(batch_size: int, *, kv_length: int, kv_offset: int = 0, attention_mask=None, **kwargs):
     """Mask interface for the vpgea names: no mask at all for unpadded, uncached input (attention derives the
-    block-diagonal structure itself, so no ``[T, T]`` mask is built); transformers' SDPA mask otherwise."""
+    block-diagonal structure itself, so no ``[T, T]`` mask is built); transformers' SDPA mask otherwise.
+
+    transformers 5 passes the query span as ``q_length``/``q_offset``, 4.5x as ``cache_position``; both are accepted
+    and passed on unchanged to ``sdpa_mask``, whose signature follows the same version.
+    """
     from transformers.masking_utils import sdpa_mask
 
+    if "q_length" in kwargs:
+        q_length, q_offset = kwargs["q_length"], kwargs.get("q_offset", 0)
+    else:
+        cache_position = kwargs["cache_position"]  # [q_length] absolute positions of the queries
+        q_length, q_offset = cache_position.shape[0], None  # None: "not known to be 0" without a device sync
     no_padding = attention_mask is None or (attention_mask.shape[-1] == kv_length and bool(attention_mask.all()))
-    no_cache = kv_length == q_length and not isinstance(q_offset, torch.Tensor) and q_offset == 0 and kv_offset == 0
+    no_cache = kv_length == q_length and kv_offset == 0 and (q_offset is None or (
+        not isinstance(q_offset, torch.Tensor) and q_offset == 0))
     if no_padding and no_cache:
         return None
     kwargs.pop("dtype", None)
     kwargs.pop("config", None)
-    return sdpa_mask(
-        batch_size=batch_size, q_length=q_length, kv_length=kv_length, q_offset=q_offset, kv_offset=kv_offset,
-        attention_mask=attention_mask, **kwargs,
-    )
+    return sdpa_mask(batch_size=batch_size, kv_length=kv_length, kv_offset=kv_offset, attention_mask=attention_mask,
+                     **kwargs)
 
 
 _registered = False

@@ -563,8 +563,10 @@ def run_real(cfg: TrainConfig, info: DistInfo) -> dict:
         raise FileNotFoundError(f"--model {cfg.model}: no config.json; expected a Hugging Face model directory")
     try:
         tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
-    except (OSError, ValueError) as e:
-        raise FileNotFoundError(f"--model {cfg.model}: no usable tokenizer in the directory ({e})") from e
+    except Exception as e:  # OSError / ValueError, or ImportError when transformers falls back to a slow tokenizer
+        raise FileNotFoundError(
+            f"--model {cfg.model}: no usable tokenizer in the directory ({type(e).__name__}: {e})"
+        ) from e
     if cfg.train_data is None:
         raise ValueError("--train-data is required with --model")
     examples = load_jsonl_dataset(cfg.train_data, question_field=cfg.question_field, answer_field=cfg.answer_field)
