@@ -14,14 +14,11 @@ from __future__ import annotations
 import logging
 import os
 from dataclasses import dataclass
-from typing import Sequence, TypeVar
 
 import torch
 import torch.distributed as dist
 
 log = logging.getLogger(__name__)
-
-T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -64,14 +61,6 @@ def shutdown(info: DistInfo) -> None:
         # A barrier first: tearing gloo down while a peer is still in a collective aborts the process.
         dist.barrier()
         dist.destroy_process_group()
-
-
-def shard_for_rank(items: Sequence[T], info: DistInfo) -> list[T]:
-    """This rank's contiguous block of ``items`` (questions); blocks differ in size by at most one."""
-    n, w, r = len(items), info.world_size, info.rank
-    lo = r * n // w
-    hi = (r + 1) * n // w
-    return list(items[lo:hi])
 
 
 def loss_scale(local_questions: int, global_questions: int, info: DistInfo) -> float:
