@@ -40,3 +40,16 @@ def shared_data() -> Path:
 
 
 requires_cuda = pytest.mark.skipif(not _has_cuda(), reason="needs a CUDA GPU")
+
+
+@pytest.fixture
+def tiny_model_dir(tmp_path):
+    """A Hugging Face model directory with a tokenizer, built in code: the toy tokenizer and a 1-layer, width-16
+    Llama (random weights)."""
+    from vpgea import toy
+
+    tok = toy.build_tokenizer()
+    d = tmp_path / "model"
+    toy.build_model(toy.ToyTask(hidden_size=16, num_layers=1, num_heads=2), tok).save_pretrained(d)
+    tok.save_pretrained(d)
+    return d

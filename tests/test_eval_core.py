@@ -112,17 +112,6 @@ def test_evaluate_metrics_jsonl_and_resume(tmp_path):
 # --- python -m vpgea.eval end to end (a tiny model and tokenizer built in code) ----------------------------------
 
 
-@pytest.fixture
-def tiny_model_dir(tmp_path):
-    from vpgea import toy
-
-    tok = toy.build_tokenizer()
-    d = tmp_path / "model"
-    toy.build_model(toy.ToyTask(hidden_size=16, num_layers=1, num_heads=2), tok).save_pretrained(d)
-    tok.save_pretrained(d)
-    return d
-
-
 def test_cli_end_to_end_and_resume(tiny_model_dir, tmp_path, capsys):
     from vpgea import eval as ev
     from vpgea import toy

@@ -101,15 +101,6 @@ def test_sigint_saves_checkpoint(tmp_path):
 # --- bad input ---------------------------------------------------------------------------------------------------
 
 
-@pytest.fixture
-def model_dir(tmp_path):
-    tok = toy.build_tokenizer()
-    d = tmp_path / "model"
-    toy.build_model(toy.ToyTask(hidden_size=16, num_layers=1, num_heads=2), tok).save_pretrained(d)
-    tok.save_pretrained(d)
-    return d
-
-
 def _real(model_dir, data, tmp_path, *extra):
     return ["--model", str(model_dir), "--train-data", str(data), "--output-dir", str(tmp_path / "out"),
             "--max-steps", "1", "--questions-per-step", "2", "--group-size", "2", "--prior-samples", "1",
@@ -117,36 +108,36 @@ def _real(model_dir, data, tmp_path, *extra):
             "--teacher-template", "{question} hint {answer}", "--answer-tail", "\\boxed{{ {answer} }}", *extra]
 
 
-def test_real_run_and_overlong_prompts(model_dir, tmp_path, capsys):
+def test_real_run_and_overlong_prompts(tiny_model_dir, tmp_path, capsys):
     data = tmp_path / "train.jsonl"
     rows = [{"question": "3 +4", "answer": "3 +4 = 7 #### 7"}, {"question": "5 -2 +1", "answer": "#### 4"},
             {"question": " ".join(["1"] + ["+1"] * 40), "answer": "#### 1"}]
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    assert train.main(_real(model_dir, data, tmp_path, "--max-prompt-tokens", "20")) == 0
+    assert train.main(_real(tiny_model_dir, data, tmp_path, "--max-prompt-tokens", "20")) == 0
     assert "skipped 1 of 3" in capsys.readouterr().err
     m = _metrics(tmp_path / "out" / "metrics.jsonl")
     assert m[0]["skipped_prompts"] == 1 and m[0]["loss"] == m[0]["loss"]
     assert (tmp_path / "out" / "checkpoint-1" / "config.json").is_file()
 
 
-def test_bad_inputs(model_dir, tmp_path, capsys):
+def test_bad_inputs(tiny_model_dir, tmp_path, capsys):
     good = tmp_path / "good.jsonl"
     good.write_text(json.dumps({"question": "3 +4", "answer": "#### 7"}) + "\n")
     assert train.main(_real(tmp_path / "nope", good, tmp_path)) == 2
     assert "does not exist" in capsys.readouterr().err
     no_tok = tmp_path / "no_tok"
     no_tok.mkdir()
-    (no_tok / "config.json").write_text((model_dir / "config.json").read_text())
+    (no_tok / "config.json").write_text((tiny_model_dir / "config.json").read_text())
     assert train.main(_real(no_tok, good, tmp_path)) == 2
     assert "tokenizer" in capsys.readouterr().err
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps({"question": "3 +4", "answer": "#### 7"}) + "\n{not json\n")
-    assert train.main(_real(model_dir, bad, tmp_path)) == 2
+    assert train.main(_real(tiny_model_dir, bad, tmp_path)) == 2
     assert "bad.jsonl:2" in capsys.readouterr().err
     empty = tmp_path / "empty.jsonl"
     empty.write_text("")
-    assert train.main(_real(model_dir, empty, tmp_path)) == 2
-    assert train.main(_real(model_dir, good, tmp_path, "--max-prompt-tokens", "2")) == 2
+    assert train.main(_real(tiny_model_dir, empty, tmp_path)) == 2
+    assert train.main(_real(tiny_model_dir, good, tmp_path, "--max-prompt-tokens", "2")) == 2
     assert "no training questions" in capsys.readouterr().err
     with pytest.raises(ValueError, match="group_size"):
         TrainConfig(group_size=0)
