@@ -14,7 +14,13 @@ from dataclasses import dataclass, field
 from typing import Literal, Protocol, runtime_checkable
 
 __all__ = ["GenerationOutput", "RolloutEngine", "check_generate_args", "derive_seed", "request_seeds", "resolve_seeds",
-           "stop_ids"]
+           "stop_ids", "unwrap_model"]
+
+
+def unwrap_model(model):
+    """The Hugging Face causal LM itself: a ``PolicyModel`` (anything with ``.model`` and no ``generate``) holds it as
+    ``.model``."""
+    return getattr(model, "model", model) if not hasattr(model, "generate") else model
 
 
 def check_generate_args(prompts: Sequence[Sequence[int]], max_new_tokens: int, top_p: float) -> None:

@@ -12,14 +12,10 @@ from collections.abc import Sequence
 
 import torch
 
-from vpgea.engines.base import GenerationOutput, check_generate_args, resolve_seeds, stop_ids
+from vpgea.engines.base import GenerationOutput, check_generate_args, resolve_seeds, stop_ids, unwrap_model
 
 __all__ = ["HFEngine", "sample_next"]
 
-
-def _unwrap(model):
-    """The Hugging Face causal LM itself (a ``PolicyModel`` holds it as ``.model``)."""
-    return getattr(model, "model", model) if not hasattr(model, "generate") else model
 
 
 def sample_next(
@@ -79,7 +75,7 @@ class HFEngine:
         pad_token_id: int | None = None,
         replica: bool = False,
     ) -> None:
-        self.model = _unwrap(model)
+        self.model = unwrap_model(model)
         self.replica = bool(replica)
         if self.replica:
             import copy
@@ -137,7 +133,7 @@ class HFEngine:
         """Without ``replica`` the engine shares the trainer's module: nothing to copy (a different module replaces
         ours). With it, copy ``model``'s parameters into the replica, gathering FSDP2 shards (``DTensor``) one tensor
         at a time: a collective, so every rank calls it."""
-        model = _unwrap(model)
+        model = unwrap_model(model)
         if not self.replica:
             if model is not self.model:
                 self.model = model

@@ -35,6 +35,7 @@ from vpgea.engines.base import (  # noqa: F401 (request_seeds re-exported)
     request_seeds,
     resolve_seeds,
     stop_ids,
+    unwrap_model,
 )
 
 # vLLM V1 runs its engine core in a child process by default, where the model object is out of reach; in-process it
@@ -61,10 +62,6 @@ _RPC_CHUNK_BYTES = 512 << 20  # bytes of weights per collective_rpc call on the 
 _WRAPPER_PREFIXES = ("_checkpoint_wrapped_module.", "_orig_mod.", "_fsdp_wrapped_module.")
 
 
-def _unwrap(model):
-    """The Hugging Face causal LM inside ``model`` (a ``PolicyModel`` holds it as ``.model``)."""
-    return getattr(model, "model", model) if not hasattr(model, "generate") else model
-
 
 def _named_weights(model) -> Iterator[tuple[str, torch.Tensor]]:
     """``(hf_name, full tensor)`` for every parameter of ``model``, one at a time.
@@ -77,7 +74,7 @@ def _named_weights(model) -> Iterator[tuple[str, torch.Tensor]]:
     if isinstance(model, Mapping):
         items: Iterable = model.items()
     else:
-        items = _unwrap(model).named_parameters()
+        items = unwrap_model(model).named_parameters()
     for name, t in items:
         for prefix in _WRAPPER_PREFIXES:
             name = name.replace(prefix, "")
@@ -143,7 +140,7 @@ class VLLMEngine:
             path = Path(model_or_path)
         else:
             source = model_or_path
-            hf = _unwrap(model_or_path)
+            hf = unwrap_model(model_or_path)
             name = getattr(getattr(hf, "config", None), "_name_or_path", None) or getattr(hf, "name_or_path", None)
             if not name:
                 raise ValueError(
@@ -158,7 +155,7 @@ class VLLMEngine:
         self.path = str(path)
 
         if stop_token_ids is None:
-            gen_cfg = getattr(_unwrap(source), "generation_config", None) if source is not None else None
+            gen_cfg = getattr(unwrap_model(source), "generation_config", None) if source is not None else None
             if gen_cfg is None:
                 gen_cfg = _load_generation_config(path)
             stop_token_ids = stop_ids("VLLMEngine", tokenizer, gen_cfg)
