@@ -37,6 +37,8 @@ def next_pow2(x: int) -> int:
 # inside cuBLAS, no upcast copies). Older torch: upcast copies of the operands instead.
 _HAS_MM_OUT_DTYPE = hasattr(torch.ops.aten.mm, "dtype")
 _HAS_ADDMM_OUT_DTYPE = hasattr(torch.ops.aten.addmm, "dtype_out")
+# Per CUDA device: does addmm.dtype_out accept an fp32 accumulator (``self``/``out``) with bf16/fp16 operands?
+_ADDMM_FP32_ACC: dict[tuple[str, int | None], bool] = {}
 
 
 def mm_fp32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -46,9 +48,37 @@ def mm_fp32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return torch.mm(a.float(), b.float())
 
 
+def addmm_fp32_accumulator_ok(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether ``addmm.dtype_out`` can add a ``dtype`` product into an fp32 accumulator on ``device``.
+
+    The first torch releases with the overload require ``self`` in the operands' dtype ("self and mat2 must have
+    the same dtype"); later ones accept ``self`` in ``out_dtype``. Probed once per device on a 16 x 16 product and
+    checked against fp32 arithmetic, so neither a refusal nor a wrong result can reach the callers.
+    """
+    key = (device.type, device.index)
+    if key not in _ADDMM_FP32_ACC:
+        ok = False
+        if device.type == "cuda" and _HAS_ADDMM_OUT_DTYPE:
+            gen = torch.Generator(device="cpu").manual_seed(0)
+            a, b, c = (torch.randn(16, 16, generator=gen) for _ in range(3))
+            a, b = a.to(dtype), b.to(dtype)
+            want = c + a.float() @ b.float()
+            acc = c.to(device)
+            try:
+                torch.ops.aten.addmm.dtype_out(acc, a.to(device), b.to(device), torch.float32, out=acc)
+            except RuntimeError as err:
+                if "dtype" not in str(err):  # only a dtype refusal means "not supported"; anything else is real
+                    raise
+            else:
+                ok = torch.allclose(acc.cpu(), want, rtol=1e-4, atol=1e-4)
+        _ADDMM_FP32_ACC[key] = ok
+    return _ADDMM_FP32_ACC[key]
+
+
 def addmm_fp32_(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
-    """``acc += a @ b`` with fp32 ``acc``: one cuBLAS call with beta = 1 and an fp32 output when available."""
-    if a.dtype != torch.float32 and a.is_cuda and _HAS_ADDMM_OUT_DTYPE:
+    """``acc += a @ b`` with fp32 ``acc``: one cuBLAS call with beta = 1 and an fp32 output where this torch allows
+    an fp32 accumulator; otherwise an fp32 product (a temporary the size of ``acc``) added in."""
+    if a.dtype != torch.float32 and a.is_cuda and addmm_fp32_accumulator_ok(a.device, a.dtype):
         torch.ops.aten.addmm.dtype_out(acc, a, b, torch.float32, out=acc)
         return
     acc += mm_fp32(a, b)

@@ -14,6 +14,7 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 from vpgea.kernels import token_logprobs as K
+from vpgea.kernels import vpgea_loss as L
 
 _PTR = {"bf16": "*bf16", "fp32": "*fp32"}
 _DTYPE = {"bf16": torch.bfloat16, "fp32": torch.float32}
@@ -52,7 +53,27 @@ def compile_one(kernel: str, dtype: str, arch: int) -> dict:
                 cp_async=len(re.findall(r"cp\.async", ptx)))
 
 
+def compile_loss(kernel: str, arch: int) -> dict:
+    """The VPG-EA loss segment reductions (fp32 log-probs, "token" normalisation: the most code)."""
+    if kernel == "loss_forward":
+        sig = {"Q": "*fp32", "P": "*fp32", "A": "*fp32", "CU": "*i32", "OUT": "*fp32", "S": "i32", "beta": "fp32",
+               "scale": "fp32", "inv_s": "fp32"}
+        fn, consts = L._vpgea_loss_fwd_kernel, dict(NORMALIZE=1, BLOCK=L._BLOCK)
+    else:
+        sig = {"GQ": "*bf16", "GP": "*fp32", "A": "*fp32", "CU": "*i32", "G": "*fp32", "beta": "fp32",
+               "scale": "fp32"}
+        fn, consts = L._vpgea_loss_bwd_kernel, dict(NORMALIZE=1, NEED_Q=True, NEED_P=True, BLOCK=L._BLOCK)
+    sig.update({k: "constexpr" for k in consts})
+    src = ASTSource(fn=fn, signature=sig, constexprs=consts)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        k = triton.compile(src, target=GPUTarget("cuda", arch, 32), options=dict(num_warps=4, num_stages=1))
+    return dict(kernel=kernel, dtype="fp32", arch=arch, shared=k.metadata.shared, wgmma=0, mma_sync=0,
+                cp_async=len(re.findall(r"cp\.async", k.asm["ptx"])), ptx_bytes=len(k.asm["ptx"]))
+
+
 if __name__ == "__main__":
     out = [compile_one(kern, dt, arch) for kern in ("forward", "dlogits") for dt in ("bf16", "fp32")
            for arch in (90, 80)]
+    out += [compile_loss(kern, arch) for kern in ("loss_forward", "loss_backward") for arch in (90, 80)]
     json.dump(out, sys.stdout)

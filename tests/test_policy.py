@@ -337,6 +337,56 @@ def test_sdpa_varlen_matches_per_sequence_attention(heads, kv_heads):
         torch.testing.assert_close(out[s:e], want, atol=1e-6, rtol=1e-5)
 
 
+def _fake_varlen_attn(style):
+    """A CPU stand-in for torch.nn.attention.varlen.varlen_attn in the signature of one torch release; it computes
+    what that release's arguments ask for, with the masked-SDPA reference."""
+
+    def run(q, k, v, cu, max_len, scale, causal):
+        assert causal, "vpgea must ask for causal attention"
+        if k.shape[1] != q.shape[1]:
+            k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
+            v = v.repeat_interleave(q.shape[1] // v.shape[1], dim=1)
+        return attention._sdpa_varlen(q, k, v, cu, max_len, scale=scale, dropout=0.0, sliding_window=None)
+
+    if style == "is_causal":  # the first releases: an is_causal flag, no scale, no GQA
+        def varlen_attn(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *, is_causal=False, return_aux=None):
+            assert key.shape[1] == query.shape[1], "this release has no GQA"
+            return run(query, key, value, cu_seq_q, max_q, None, is_causal)
+    elif style == "window":  # later ones (2.13 here): window_size (-1, 0) is causal; scale and enable_gqa exist
+        def varlen_attn(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *, return_aux=None, scale=None,
+                        window_size=(-1, -1), enable_gqa=False):
+            assert tuple(window_size) == (-1, 0)
+            assert enable_gqa or key.shape[1] == query.shape[1]
+            return run(query, key, value, cu_seq_q, max_q, scale, True)
+    else:  # no way to ask for causal masking
+        def varlen_attn(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k):
+            raise AssertionError("must not be called")
+    return varlen_attn
+
+
+@pytest.mark.parametrize("style", ["is_causal", "window", "bidirectional-only"])
+def test_torch_varlen_argument_conventions(monkeypatch, style):
+    # The torch_varlen backend only runs on CUDA; here each signature it adapts to is checked on the CPU against the
+    # masked-SDPA reference (causal, the scale, GQA), and a release it cannot make causal is refused.
+    import torch.nn.attention.varlen as varlen_mod
+
+    monkeypatch.setattr(varlen_mod, "varlen_attn", _fake_varlen_attn(style))
+    attention._torch_varlen_func.cache_clear()
+    try:
+        if style == "bidirectional-only":
+            assert attention._torch_varlen_func() is None
+            return
+        torch.manual_seed(0)
+        lens = [1, 6, 3]
+        q, k, v = torch.randn(10, 4, 8), torch.randn(10, 2, 8), torch.randn(10, 2, 8)
+        cu = torch.tensor([0, 1, 7, 10], dtype=torch.int32)
+        out = attention._torch_varlen(q, k, v, cu, max(lens), scale=0.3, dropout=0.0, sliding_window=None)
+        want = attention._sdpa_varlen(q, k, v, cu, max(lens), scale=0.3, dropout=0.0, sliding_window=None)
+        torch.testing.assert_close(out, want, atol=1e-5, rtol=1e-5)
+    finally:
+        attention._torch_varlen_func.cache_clear()
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("backend", ["flash_attn", "torch_varlen"])
 def test_cuda_backends_match_sdpa(backend):

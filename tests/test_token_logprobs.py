@@ -271,6 +271,35 @@ def test_cuda_no_nv_sized_allocation():
     assert extra - grads < 0.02 * n * v * 4, f"extra {extra / 2**20:.1f} MiB"
 
 
+@requires_cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_cuda_fp32_gemm_helpers(dtype):
+    """mm_fp32 / addmm_fp32_ (the backward's GEMMs) accumulate in fp32 on this torch, whichever path it allows."""
+    from vpgea.kernels._utils import addmm_fp32_, mm_fp32
+
+    g = torch.Generator(device="cpu").manual_seed(0)
+    a, b = (torch.randn(300, 517, generator=g).to(dtype) for _ in range(2))
+    acc = torch.randn(300, 300, generator=g)
+    want = acc.double() + a.double() @ b.double().t()
+    got = acc.cuda()
+    addmm_fp32_(got, a.cuda(), b.cuda().t())
+    prod = mm_fp32(a.cuda(), b.cuda().t())
+    assert got.dtype == prod.dtype == torch.float32
+    # fp32 accumulation over K = 517 exact products: far below one bf16/fp16 ulp of the result.
+    torch.testing.assert_close(got.cpu().double(), want, rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(prod.cpu().double(), want - acc.double(), rtol=1e-5, atol=1e-4)
+
+
+def test_fp32_accumulator_probe_is_cuda_only():
+    from vpgea.kernels._utils import addmm_fp32_, addmm_fp32_accumulator_ok
+
+    assert not addmm_fp32_accumulator_ok(torch.device("cpu"), torch.bfloat16)
+    acc = torch.zeros(3, 2)
+    a, b = torch.randn(3, 5).bfloat16(), torch.randn(5, 2).bfloat16()
+    addmm_fp32_(acc, a, b)  # the CPU path: an fp32 product added in
+    torch.testing.assert_close(acc, a.float() @ b.float())
+
+
 @pytest.mark.parametrize("impl", IMPLS)
 def test_no_rows(impl):
     # N = 0 (e.g. every completion token masked): empty outputs and zero gradients, no launch of an empty grid.

@@ -72,6 +72,8 @@ def _torch_varlen_func():
         params = frozenset(inspect.signature(fn).parameters)
     except (TypeError, ValueError):
         return None
+    if not params & {"is_causal", "window_size"}:  # a version that cannot be told to be causal is of no use here
+        return None
     return fn, params
 
 
@@ -94,7 +96,8 @@ def _backend_ok(backend: str, device: torch.device, dtype: torch.dtype) -> str |
     if backend == "flash_attn" and _flash_attn_func() is None:
         return "flash_attn is not installed (pip install flash-attn)"
     if backend == "torch_varlen" and _torch_varlen_func() is None:
-        return f"torch.nn.attention.varlen.varlen_attn is not available in torch {torch.__version__}"
+        return (f"torch {torch.__version__} has no torch.nn.attention.varlen.varlen_attn with causal masking "
+                "(is_causal or window_size)")
     return None
 
 

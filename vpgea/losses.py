@@ -30,7 +30,7 @@ from dataclasses import dataclass
 import torch
 
 from vpgea.grpo import grpo_loss
-from vpgea.kernels._utils import mm_fp32
+from vpgea.kernels._utils import addmm_fp32_, mm_fp32
 
 __all__ = ["vpgea_loss", "vpgea_loss_reference", "vpgea_loss_fused_linear", "grpo_loss", "NORMALIZE_MODES"]
 
@@ -321,7 +321,7 @@ class _FusedLinearGradInForward(torch.autograd.Function):
                 if need_h:
                     dh[i : i + step] = (mm_fp32(dz, weight)).to(hidden.dtype)
                 if need_w:
-                    dw += mm_fp32(dz.t(), h)
+                    addmm_fp32_(dw, dz.t(), h)  # no [V, D] fp32 temporary where torch allows
                 if need_b:
                     db += z.sum(0)
                 del dz
