@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 import torch
@@ -27,6 +28,12 @@ def triton_runnable(device: torch.device) -> bool:
     if device.type == "cuda":
         return True
     return device.type == "cpu" and INTERPRET
+
+
+def device_guard(t: torch.Tensor):
+    """Triton launches on the *current* CUDA device and its stream: make that ``t``'s device for the launch (tensors
+    on ``cuda:1`` while ``cuda:0`` is current, e.g. an LM head placed by ``device_map="auto"``)."""
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
 
 
 def next_pow2(x: int) -> int:

@@ -33,7 +33,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._utils import INTERPRET, addmm_fp32_, mm_fp32, next_pow2
+from ._utils import INTERPRET, addmm_fp32_, device_guard, mm_fp32, next_pow2
 
 
 @triton.jit
@@ -222,13 +222,14 @@ def token_logprobs_forward(
     t = torch.empty((num_splits, n), **f32)
     e = torch.empty((num_splits, n), **f32) if with_entropy else m
     grid = (n_blocks * num_splits,)
-    _token_logprobs_fwd_kernel[grid](
-        hidden, weight, bias if bias is not None else hidden, targets, inv_temp if inv_temp is not None else m,
-        m, l, t, e,
-        n, v, d, hidden.stride(0), weight.stride(0), float(inv_temp_scalar), v_per_split, num_splits,
-        HAS_BIAS=bias is not None, HAS_TEMP=inv_temp is not None, WITH_ENTROPY=with_entropy, DOT_FP32=INTERPRET,
-        IEEE=hidden.dtype == torch.float32, **cfg,
-    )
+    with device_guard(hidden):
+        _token_logprobs_fwd_kernel[grid](
+            hidden, weight, bias if bias is not None else hidden, targets, inv_temp if inv_temp is not None else m,
+            m, l, t, e,
+            n, v, d, hidden.stride(0), weight.stride(0), float(inv_temp_scalar), v_per_split, num_splits,
+            HAS_BIAS=bias is not None, HAS_TEMP=inv_temp is not None, WITH_ENTROPY=with_entropy, DOT_FP32=INTERPRET,
+            IEEE=hidden.dtype == torch.float32, **cfg,
+        )
     # Merge the per-split partials: O(N * splits).
     m_all = m.max(dim=0).values
     scale = torch.exp(m - m_all)
@@ -293,14 +294,16 @@ def token_logprobs_backward(
         v_hi = min(v, v_lo + width)
         cw = v_hi - v_lo
         grid = (triton.cdiv(cw, bv), triton.cdiv(n, bn))
-        _token_logprobs_dlogits_kernel[grid](
-            hidden, weight, bias if bias is not None else hidden, targets, inv_temp if inv_temp is not None else lse,
-            lse, mu if with_entropy else lse, grad_logp, grad_entropy if with_entropy else grad_logp,
-            dz,
-            n, d, hidden.stride(0), weight.stride(0), dz.stride(0), float(inv_temp_scalar), v_lo, v_hi,
-            HAS_BIAS=bias is not None, HAS_TEMP=inv_temp is not None, WITH_ENTROPY=with_entropy,
-            DOT_FP32=INTERPRET, IEEE=hidden.dtype == torch.float32, **cfg,
-        )
+        with device_guard(hidden):
+            _token_logprobs_dlogits_kernel[grid](
+                hidden, weight, bias if bias is not None else hidden, targets,
+                inv_temp if inv_temp is not None else lse,
+                lse, mu if with_entropy else lse, grad_logp, grad_entropy if with_entropy else grad_logp,
+                dz,
+                n, d, hidden.stride(0), weight.stride(0), dz.stride(0), float(inv_temp_scalar), v_lo, v_hi,
+                HAS_BIAS=bias is not None, HAS_TEMP=inv_temp is not None, WITH_ENTROPY=with_entropy,
+                DOT_FP32=INTERPRET, IEEE=hidden.dtype == torch.float32, **cfg,
+            )
         chunk = dz[:, :cw]
         if need_weight:
             if chunk.dtype == weight.dtype and chunk.is_cuda:

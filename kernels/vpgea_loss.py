@@ -29,6 +29,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ._utils import device_guard
+
 __all__ = ["NORMALIZE_CODES", "vpgea_loss_forward", "vpgea_loss_backward"]
 
 # Normalisation modes as kernel constexprs.
@@ -134,11 +136,12 @@ def vpgea_loss_forward(
     if num_seqs == 0:
         return torch.zeros(4, device=teacher_logps.device, dtype=torch.float32)
     partials = torch.empty(4, num_seqs, device=teacher_logps.device, dtype=torch.float32)
-    _vpgea_loss_fwd_kernel[(num_seqs,)](
-        teacher_logps, student_logps, advantages, cu_seqlens, partials,
-        num_seqs, float(beta), _scale(normalize, num_seqs, teacher_logps.numel()), 1.0 / num_seqs,
-        NORMALIZE=NORMALIZE_CODES[normalize], BLOCK=_BLOCK,
-    )
+    with device_guard(partials):
+        _vpgea_loss_fwd_kernel[(num_seqs,)](
+            teacher_logps, student_logps, advantages, cu_seqlens, partials,
+            num_seqs, float(beta), _scale(normalize, num_seqs, teacher_logps.numel()), 1.0 / num_seqs,
+            NORMALIZE=NORMALIZE_CODES[normalize], BLOCK=_BLOCK,
+        )
     return partials.sum(dim=1)
 
 
@@ -171,9 +174,10 @@ def vpgea_loss_backward(
         return gq, gp
     g = grad_loss.reshape(1).to(torch.float32).contiguous()
     dummy = g  # pointer placeholder for an unrequested output (never written: NEED_* is False)
-    _vpgea_loss_bwd_kernel[(num_seqs,)](
-        gq if gq is not None else dummy, gp if gp is not None else dummy, advantages, cu_seqlens, g,
-        float(beta), _scale(normalize, num_seqs, num_tokens),
-        NORMALIZE=NORMALIZE_CODES[normalize], NEED_Q=gq is not None, NEED_P=gp is not None, BLOCK=_BLOCK,
-    )
+    with device_guard(g):
+        _vpgea_loss_bwd_kernel[(num_seqs,)](
+            gq if gq is not None else dummy, gp if gp is not None else dummy, advantages, cu_seqlens, g,
+            float(beta), _scale(normalize, num_seqs, num_tokens),
+            NORMALIZE=NORMALIZE_CODES[normalize], NEED_Q=gq is not None, NEED_P=gp is not None, BLOCK=_BLOCK,
+        )
     return gq, gp

@@ -145,3 +145,29 @@ def test_every_rank_fails_with_a_clear_message(tmp_path):
         assert f"rank {rank}: error: --model" in proc.stderr and "does not exist" in proc.stderr
     proc = _torchrun([*ARGS, "--questions-per-step", "3", "--output-dir", str(tmp_path / "odd")], tmp_path / "cache")
     assert proc.returncode != 0 and "multiple of the number of processes" in proc.stderr
+
+
+def test_one_explicit_gpu_for_every_rank_is_refused(monkeypatch):
+    # `torchrun --nproc-per-node 4 ... --device cuda:0` would put every rank on GPU 0 (NCCL then fails obscurely).
+    from vpgea.distributed import init_distributed
+
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
+    with pytest.raises(ValueError, match=r"(?s)rank 1: --device cuda:0 names one GPU .* \(here cuda:1\)"):
+        init_distributed("cuda:0")
+
+
+def test_rng_capture_and_restore_roundtrip():
+    import random
+
+    from vpgea.checkpoint import capture_rng, restore_rng
+
+    state = capture_rng()
+    want = (random.random(), torch.rand(3))
+    restore_rng(state)
+    got = (random.random(), torch.rand(3))
+    assert want[0] == got[0] and torch.equal(want[1], got[1])
+    if torch.cuda.is_available():
+        assert isinstance(state["cuda"], torch.Tensor)  # this device's state only

@@ -157,3 +157,41 @@ def test_row_generators_sample_the_distribution():
     draws = sample_next(logits, temperature=1.0, top_p=0.7, row_generators=gens)  # keeps {0, 1}: 0.8 >= 0.7
     freq = torch.bincount(draws, minlength=4).float() / 4000
     assert freq[2:].sum() == 0 and abs(freq[0] - 0.625) < 0.03, freq
+
+
+def test_decode_dtype_replica_and_autocast(model):
+    # dtype=bf16 (what the trainer asks for on a GPU; checked here with the CPU's autocast): a replica is stored in
+    # bf16 and follows the fp32 module through update_weights; a shared fp32 module decodes under autocast.
+    seen = []
+    hook = lambda mod, args, out: seen.append(out.dtype)  # noqa: E731
+
+    rep = HFEngine(model, _Tok(), batch_size=4, replica=True, dtype=torch.bfloat16)
+    assert rep.model is not model and {p.dtype for p in rep.model.parameters()} == {torch.bfloat16}
+    assert {p.dtype for p in model.parameters()} == {torch.float32}  # the trainer's module is untouched
+    src = {n: p.detach().clone() for n, p in model.named_parameters()}
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.01)
+    try:
+        rep.update_weights(model)
+        for n, p in rep.model.named_parameters():
+            torch.testing.assert_close(p, (src[n] + 0.01).to(torch.bfloat16))
+    finally:
+        with torch.no_grad():
+            for n, p in model.named_parameters():
+                p.copy_(src[n])
+
+    shared = HFEngine(model, _Tok(), batch_size=4, dtype=torch.bfloat16)
+    assert shared.model is model
+    h = model.lm_head.register_forward_hook(hook)
+    try:
+        outs = shared.generate(PROMPTS, max_new_tokens=6, temperature=0.0)
+        assert seen and set(seen) == {torch.bfloat16}
+        seen.clear()
+        HFEngine(model, _Tok(), batch_size=4).generate(PROMPTS, max_new_tokens=6, temperature=0.0)
+        assert set(seen) == {torch.float32}
+    finally:
+        h.remove()
+    assert all(0 < len(o.token_ids) <= 6 for o in outs)
+    with pytest.raises(ValueError, match="dtype must be a floating"):
+        HFEngine(model, _Tok(), dtype=torch.int8)

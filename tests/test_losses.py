@@ -312,6 +312,56 @@ def test_fused_linear_grad_in_forward_matches(impl, normalize):
         vpgea_loss_fused_linear(th, sh, w, tt, bad, adv, cu, beta=0.4, impl=impl, grad_in_forward=True)
 
 
+@pytest.mark.parametrize("gif", [False, True])
+def test_fused_linear_under_autocast_is_the_linear_in_the_autocast_dtype(gif):
+    # fp32 master weights under bf16 autocast (the single-GPU trainer; a TRL model under AMP): the op behaves as the
+    # F.linear it replaces, i.e. as if given the bf16 casts, and the gradients reach the fp32 leaves in fp32. Without
+    # the cast the one-sweep path crashed (autocast turned its fp32 GEMM bf16, then scatter_add_ met fp32).
+    torch.manual_seed(13)
+    cu = torch.tensor([0, 7, 7, 20], dtype=torch.int32)
+    th, sh = torch.randn(20, 16), torch.randn(20, 16)
+    w, b = torch.randn(61, 16) * 0.3, torch.randn(61) * 0.1
+    y = torch.randint(0, 61, (20,))
+    adv = torch.tensor([0.8, 0.3, -0.6])
+    kw = dict(beta=0.3, temperature=1.1, impl="torch", grad_in_forward=gif)
+    leaves = [t.clone().requires_grad_(True) for t in (th, sh, w, b)]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss, metrics = vpgea_loss_fused_linear(leaves[0], leaves[1], leaves[2], y, y, adv, cu, bias=leaves[3], **kw)
+    loss.backward()
+    half = [t.bfloat16().requires_grad_(True) for t in (th, sh, w, b)]
+    ref, ref_metrics = vpgea_loss_fused_linear(half[0], half[1], half[2], y, y, adv, cu, bias=half[3], **kw)
+    ref.backward()
+    torch.testing.assert_close(loss, ref)
+    for k in metrics:
+        torch.testing.assert_close(metrics[k], ref_metrics[k])
+    for leaf, h in zip(leaves, half):
+        assert leaf.grad.dtype == torch.float32
+        torch.testing.assert_close(leaf.grad, h.grad.float())
+
+
+def test_grad_in_forward_bad_targets_under_compile_are_nan():
+    # Under torch.compile the range check cannot run: an out-of-range target must neither index out of bounds (a
+    # device-side assert on CUDA) nor give a plausible number; its log-prob is NaN, so the loss is NaN.
+    cu = torch.tensor([0, 3, 5], dtype=torch.int32)
+    h, w = torch.randn(5, 8), torch.randn(11, 8)
+    good = torch.tensor([1, 2, 3, -100, 4])
+    bad = torch.tensor([1, 2, 11, -100, -3])
+    adv = torch.tensor([0.5, -0.5])
+
+    def f(y):
+        return vpgea_loss_fused_linear(h, h, w, y, y, adv, cu, beta=0.3, impl="torch", grad_in_forward=True)[0]
+
+    compiled = torch.compile(f, backend="aot_eager")
+    assert torch.isfinite(compiled(good))
+    assert torch.isnan(compiled(bad))
+
+
+def test_more_than_int32_tokens_is_an_error():
+    big = torch.zeros(1).expand(2**31)  # a view: no memory behind the 2**31 elements
+    with pytest.raises(ValueError, match="at most 2\\*\\*31 - 1 packed tokens"):
+        vpgea_loss(big, big, torch.ones(1), torch.tensor([0, 2**31]), beta=0.1, impl="torch")
+
+
 def test_grad_in_forward_under_no_grad_computes_no_gradient(monkeypatch):
     # Under torch.no_grad the one-sweep variant must not pay for gradients it will never return: one GEMM per
     # chunk (the logits), not three, and no [V, D] gradient buffer.

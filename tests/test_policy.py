@@ -175,6 +175,28 @@ def test_sequence_logprobs_answers_microbatches_and_temperature():
         policy.sequence_logprobs([[1], [2]], [[3]])
 
 
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_attention_runs_in_the_autocast_dtype(monkeypatch, arch):
+    # fp32 weights under bf16 autocast (the single-GPU trainer): RoPE returns fp32 q/k while v is bf16. Attention must
+    # see one half-precision dtype, or flash/varlen would be refused (checked here on the CPU's autocast).
+    policy, _ = _models(arch)
+    seen = []
+    real = attention.varlen_attention
+    monkeypatch.setattr(attention, "varlen_attention",
+                        lambda q, k, v, *a, **kw: seen.append((q.dtype, k.dtype, v.dtype)) or real(q, k, v, *a, **kw))
+    prompts, completions, _ = _random_batch(7, 5)
+    with torch.no_grad():
+        want = policy.sequence_logprobs(prompts, completions, impl="torch")
+        assert seen and all(d == (torch.float32,) * 3 for d in seen)  # no autocast: fp32 throughout
+        seen.clear()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            got = policy.sequence_logprobs(prompts, completions, impl="torch")
+    assert seen and all(d == (torch.bfloat16,) * 3 for d in seen), seen
+    for g, w in zip(got, want):  # bf16 activations: close to fp32, not equal
+        assert g.dtype == torch.float32
+        torch.testing.assert_close(g, w, atol=0.1, rtol=0.05)
+
+
 def test_answer_roles_are_scored_with_completion():
     policy, _ = _models("llama")
     batch = pack_sequences([[5, 6]], [[7, 8]], answers=[[9]])

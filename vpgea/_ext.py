@@ -57,6 +57,12 @@ def _register_fakes() -> None:
         return torch.empty_like(teacher), torch.empty_like(student)
 
 
+def _ninja_available() -> bool:
+    from torch.utils.cpp_extension import is_ninja_available
+
+    return is_ninja_available()
+
+
 def load_loss_ext(verbose: bool = False):
     """Build (once, cached by torch under ``~/.cache/torch_extensions``) and load the loss extension.
 
@@ -73,6 +79,8 @@ def load_loss_ext(verbose: bool = False):
             reason = "needs a CUDA build of torch and a CUDA device"
         elif nvcc_path() is None:
             reason = "nvcc not found (set CUDA_HOME or put nvcc on PATH)"
+        elif not _ninja_available():
+            reason = "ninja not found: torch builds extensions with it (pip install 'vpgea[cuda]' or pip install ninja)"
         elif not all(p.is_file() for p in LOSS_SOURCES):
             reason = f"CUDA sources not found under {CSRC_DIR} (not shipped in this install)"
         if reason is not None:

@@ -304,6 +304,13 @@ def _attention_forward(
         )
     if softcap is not None:
         raise NotImplementedError("vpgea packed attention does not support attention logit softcapping")
+    if query.dtype == torch.float32 and torch.is_autocast_enabled(query.device.type):
+        # fp32 weights under autocast: the projections come out in the autocast dtype but RoPE (whose cos/sin follow
+        # the fp32 residual stream) hands back fp32 q and k. Attention runs in the autocast dtype, as transformers'
+        # own flash path does; otherwise flash/varlen would be refused and the masked-SDPA fallback would build an
+        # [N, N] mask in every layer.
+        dt = torch.get_autocast_dtype(query.device.type)
+        query, key, value = query.to(dt), key.to(dt), value.to(dt)
     cu_seqlens, max_seqlen = _boundaries(query, kwargs)
     q = query.transpose(1, 2).reshape(b * t, h, d)
     k = key.transpose(1, 2).reshape(b * t, key.shape[1], d)

@@ -52,7 +52,9 @@ def capture_rng() -> dict:
     except ImportError:  # pragma: no cover - numpy is a dependency
         pass
     if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+        # This process's device only: under torchrun every rank sees every GPU, and a state per visible device
+        # could not be restored where fewer are visible. (Rollouts draw from their own seeds, never from it.)
+        state["cuda"] = torch.cuda.get_rng_state()
     return state
 
 
@@ -63,8 +65,9 @@ def restore_rng(state: dict) -> None:
         import numpy as np
 
         np.random.set_state(state["numpy"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    cuda = state.get("cuda")
+    if isinstance(cuda, torch.Tensor) and torch.cuda.is_available():  # (a list: an older per-device format, skipped)
+        torch.cuda.set_rng_state(cuda)
 
 
 def _fsync_tree(path: Path) -> None:

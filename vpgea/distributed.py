@@ -45,6 +45,12 @@ def init_distributed(device: str | torch.device | None = None) -> DistInfo:
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     device = torch.device(device)
+    if (world > 1 and device.type == "cuda" and device.index is not None and torch.cuda.device_count() > 1
+            and device.index != local_rank % torch.cuda.device_count()):
+        raise ValueError(
+            f"rank {rank}: --device {device} names one GPU for every rank of a {world}-process run; pass --device "
+            f"cuda and each rank takes cuda:LOCAL_RANK (here cuda:{local_rank % torch.cuda.device_count()})"
+        )
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", local_rank % max(1, torch.cuda.device_count()))
     if device.type == "cuda":

@@ -12,6 +12,7 @@ Two implementations behind one function:
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
@@ -305,6 +306,22 @@ torch.library.register_autograd("vpgea::token_logprobs_fwd", _fwd_backward, setu
 # public function
 
 
+def autocast_head_inputs(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None):
+    """``(hidden, weight, bias, guard)``: under autocast on ``hidden``'s device, the three cast to the autocast dtype
+    (what autocast does to a linear layer's inputs) and ``guard`` a context that turns autocast off, so the fused
+    op's own fp32 arithmetic (log-sum-exp, fp32-output GEMMs) is not recast inside it; otherwise unchanged and a no-op
+    context."""
+    dev = hidden.device.type
+    if dev not in ("cuda", "cpu") or not torch.is_autocast_enabled(dev):
+        return hidden, weight, bias, contextlib.nullcontext()
+    dt = torch.get_autocast_dtype(dev)
+
+    def cast(t):
+        return t if t is None or t.dtype == dt or not t.is_floating_point() or t.dtype == torch.float64 else t.to(dt)
+
+    return cast(hidden), cast(weight), cast(bias), torch.autocast(dev, enabled=False)
+
+
 def token_logprobs(
     hidden: torch.Tensor,
     weight: torch.Tensor,
@@ -332,7 +349,16 @@ def token_logprobs(
     Returns:
         ``logprobs: [...]`` float32, or ``(logprobs, entropy)`` with ``return_entropy=True``. Differentiable with
         respect to ``hidden``, ``weight`` and ``bias``; gradients accumulate in fp32 and come back in the input dtype.
+
+    Under ``torch.autocast`` the inputs are cast to the autocast dtype first, as autocast casts the ``F.linear`` this
+    op replaces (fp32 master weights then run on tensor cores); the gradients flow back through the casts.
     """
+    hidden, weight, bias, guard = autocast_head_inputs(hidden, weight, bias)
+    with guard:
+        return _token_logprobs(hidden, weight, targets, bias, temperature, ignore_index, return_entropy, impl)
+
+
+def _token_logprobs(hidden, weight, targets, bias, temperature, ignore_index, return_entropy, impl):
     _check_inputs(hidden, weight, targets, bias, temperature, impl)
     if impl == "auto":
         impl = "triton" if hidden.is_cuda else "torch"

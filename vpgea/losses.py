@@ -80,6 +80,8 @@ def _check_loss_inputs(teacher_logps, student_logps, advantages, cu_seqlens, bet
     devices = {t.device for t in (teacher_logps, student_logps, advantages, cu_seqlens)}
     if len(devices) != 1:
         raise ValueError(f"{name}: all tensors must be on one device, got {sorted(map(str, devices))}")
+    if teacher_logps.numel() >= 2**31:  # the boundaries go to the kernels as int32
+        raise ValueError(f"{name}: at most 2**31 - 1 packed tokens per call, got T = {teacher_logps.numel()}")
     if torch.compiler.is_compiling():  # data-dependent checks would break the graph
         return
     # One device sync for all data checks; the specific message is worked out only on failure.
@@ -304,14 +306,16 @@ class _FusedLinearGradInForward(torch.autograd.Function):
             h = hidden[i : i + step]
             y = targets[i : i + step]
             valid = y != params.ignore_index
-            yc = torch.where(valid, y, 0)[:, None]
+            bad = valid & ((y < 0) | (y >= vocab))  # only reachable under torch.compile (the eager check raises)
+            valid = valid & ~bad
+            yc = torch.where(valid, y, 0)[:, None]  # never an out-of-range index into gather/scatter
             g = torch.where(valid, coefs[i : i + step], 0.0)[:, None]
             z = mm_fp32(h, weight.t())  # [rows, V] fp32
             if bias is not None:
                 z += bias.float()
             z *= inv_t
             lse = torch.logsumexp(z, dim=-1, keepdim=True)
-            logp[i : i + step] = torch.where(valid, (z.gather(1, yc) - lse)[:, 0], 0.0)
+            logp[i : i + step] = torch.where(bad, float("nan"), torch.where(valid, (z.gather(1, yc) - lse)[:, 0], 0.0))
             if need_h or need_w or need_b:
                 # z becomes dz in place: -g p, plus g at the target, times 1/temperature
                 z.sub_(lse).exp_().mul_(-g)
@@ -445,9 +449,20 @@ def vpgea_loss_fused_linear(
     Returns:
         ``(loss, metrics)`` as ``vpgea_loss``. Gradients flow to both hidden inputs, ``weight`` and ``bias``.
 
-    Both views go through one ``token_logprobs`` call (rows concatenated), so the head gradient is one GEMM.
+    Both views go through one ``token_logprobs`` call (rows concatenated), so the head gradient is one GEMM. Under
+    ``torch.autocast`` the hidden states, head and bias are cast to the autocast dtype first (see ``token_logprobs``).
     """
-    from vpgea.logprobs import token_logprobs
+    from vpgea.logprobs import autocast_head_inputs, token_logprobs
+
+    if teacher_hidden.device.type in ("cuda", "cpu") and torch.is_autocast_enabled(teacher_hidden.device.type):
+        th, w, b, guard = autocast_head_inputs(teacher_hidden, weight, bias)
+        sh = autocast_head_inputs(student_hidden, weight, None)[0]
+        with guard:  # autocast off: the call below sees plain half-precision inputs
+            return vpgea_loss_fused_linear(
+                th, sh, w, teacher_targets, student_targets, advantages, cu_seqlens, beta=beta, bias=b,
+                temperature=temperature, normalize=normalize, ignore_index=ignore_index, impl=impl,
+                grad_in_forward=grad_in_forward,
+            )
 
     name = "vpgea_loss_fused_linear"
     if teacher_hidden.dim() != 2 or student_hidden.dim() != 2:

@@ -170,16 +170,11 @@ class PolicyModel(torch.nn.Module):
             return hidden
         from .logprobs import token_logprobs
 
-        weight, bias = self.head_weight, self.head_bias
-        if hidden.is_cuda and torch.is_autocast_enabled("cuda"):
-            # Under autocast the residual stream (and so the final norm's output) stays fp32 while the head would
-            # run in the autocast dtype: cast both, as autocast does for any linear, so the fused kernel uses
-            # tensor cores. The gradient flows back through the casts to the fp32 weights.
-            dt = torch.get_autocast_dtype("cuda")
-            hidden, weight = hidden.to(dt), weight.to(dt)
-            bias = bias.to(dt) if bias is not None else None
+        # Under autocast the residual stream (and so the final norm's output) stays fp32; token_logprobs casts it and
+        # the head to the autocast dtype, as autocast would for the linear head it replaces.
         return token_logprobs(
-            hidden, weight, batch.targets.to(hidden.device), bias=bias, temperature=temperature, impl=impl
+            hidden, self.head_weight, batch.targets.to(hidden.device), bias=self.head_bias, temperature=temperature,
+            impl=impl,
         )
 
     def forward_hidden(self, batch: PackedBatch) -> torch.Tensor:

@@ -481,7 +481,10 @@ def build(cfg: TrainConfig, hf_model, tokenizer, info: DistInfo):
         policy.gradient_checkpointing_enable()
     engine = None
     if cfg.engine == "hf":  # built before sharding: under FSDP2 it decodes from its own full copy
-        engine = make_engine("hf", policy, tokenizer, batch_size=cfg.rollout_batch_size, replica=info.enabled)
+        # bf16 decoding on a GPU: a bf16 replica under FSDP2, autocast over the shared fp32 module on one GPU.
+        half = torch.bfloat16 if info.device.type == "cuda" and cfg.bf16 else None
+        engine = make_engine("hf", policy, tokenizer, batch_size=cfg.rollout_batch_size, replica=info.enabled,
+                             dtype=half)
     apply_fsdp(policy, hf_model, info, mixed_precision=info.device.type == "cuda" and cfg.bf16)
     if cfg.engine == "vllm":  # built from the policy: its current weights (a resumed run's) are pushed at once
         engine = make_engine("vllm", policy, tokenizer, gpu_memory_utilization=cfg.vllm_gpu_memory_utilization)

@@ -8,6 +8,7 @@ padded prompt sees the same positions as it would alone.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Sequence
 
 import torch
@@ -63,6 +64,9 @@ class HFEngine:
         model) that ``update_weights`` refreshes. Under FSDP2 the trainer's module gathers each layer's weights on
         every forward, a collective that would hang as soon as two ranks stop decoding at different steps; the
         replica decodes alone, as a vLLM engine would.
+    dtype: decode in this floating dtype (``torch.bfloat16`` on a GPU): a replica is stored in it (half the memory of
+        an fp32 copy), and a shared fp32 module decodes under autocast to it (the KV cache and matmuls in ``dtype``).
+        None: the module's own dtype.
     """
 
     def __init__(
@@ -74,7 +78,11 @@ class HFEngine:
         stop_token_ids: list[int] | None = None,
         pad_token_id: int | None = None,
         replica: bool = False,
+        dtype: torch.dtype | None = None,
     ) -> None:
+        if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+            raise ValueError(f"HFEngine: dtype must be a floating torch.dtype or None, got {dtype!r}")
+        self.dtype = dtype
         self.model = unwrap_model(model)
         self.replica = bool(replica)
         if self.replica:
@@ -82,6 +90,8 @@ class HFEngine:
 
             self.model = copy.deepcopy(self.model)
             self.model.requires_grad_(False)
+            if dtype is not None:
+                self.model.to(dtype)
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         self.batch_size = batch_size
@@ -116,13 +126,18 @@ class HFEngine:
         results: list[GenerationOutput | None] = [None] * len(prompts)
         was_training = self.model.training
         self.model.eval()
+        amp = contextlib.nullcontext()
+        param_dtype = next(self.model.parameters()).dtype
+        if self.dtype is not None and self.dtype != param_dtype:  # a shared module in another dtype: autocast
+            amp = torch.autocast(next(self.model.parameters()).device.type, dtype=self.dtype)
         try:
             for start in range(0, len(order), self.batch_size):
                 idx = order[start : start + self.batch_size]
                 gens = None
                 if seeds is not None:  # CPU generators: cheap to make, and the draws are device-independent
                     gens = [torch.Generator().manual_seed(seeds[i]) for i in idx]
-                outs = self._generate_batch([prompts[i] for i in idx], max_new_tokens, temperature, top_p, gens)
+                with amp:
+                    outs = self._generate_batch([prompts[i] for i in idx], max_new_tokens, temperature, top_p, gens)
                 for i, out in zip(idx, outs):
                     results[i] = out
         finally:
