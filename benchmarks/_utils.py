@@ -13,7 +13,7 @@ import os
 import re
 import statistics
 from pathlib import Path
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 
@@ -39,6 +39,8 @@ def environment() -> dict:
         "triton": triton_version,
         "cuda": torch.version.cuda,
         "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        # fp32 matmuls (Liger's chunked losses upcast their GEMMs) run 3-8x faster with TF32: say which ran.
+        "tf32_matmul": torch.backends.cuda.matmul.allow_tf32,
     }
     for pkg in ("liger_kernel", "cut_cross_entropy", "transformers", "flash_attn"):
         try:
@@ -50,11 +52,20 @@ def environment() -> dict:
     return env
 
 
-def cuda_time_ms(fn: Callable[[], object], *, warmup: int = 3, reps: int = 10) -> float:
-    """Median wall time of ``fn`` in milliseconds, measured with CUDA events (one sync per repetition)."""
+def cuda_time_ms(fn: Callable[[], object], *, warmup: int = 3, reps: int = 10, min_warmup_s: float = 0.0) -> float:
+    """Median wall time of ``fn`` in milliseconds, measured with CUDA events (one sync per repetition).
+
+    Warm-up: ``warmup`` calls, continued until ``min_warmup_s`` seconds have passed (a GPU at idle clocks makes the
+    first short calls slow)."""
+    import time
+
+    t0 = time.perf_counter()
     for _ in range(warmup):
         fn()
     torch.cuda.synchronize()
+    while time.perf_counter() - t0 < min_warmup_s:
+        fn()
+        torch.cuda.synchronize()
     times = []
     for _ in range(reps):
         start = torch.cuda.Event(enable_timing=True)
@@ -67,8 +78,46 @@ def cuda_time_ms(fn: Callable[[], object], *, warmup: int = 3, reps: int = 10) -
     return statistics.median(times)
 
 
+def cuda_time_per_call_us(fn: Callable[[], object], *, calls: int = 200, warmup: int = 10) -> float:
+    """Microseconds per call of ``fn`` issued ``calls`` times back to back between one pair of CUDA events: for
+    calls so short that one sync per call would measure the sync. Includes each call's host (launch) cost when the
+    host is the bottleneck."""
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    start = torch.cuda.Event(enable_timing=True)
+    end = torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(calls):
+        fn()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) * 1e3 / calls
+
+
+def cuda_graph_time_us(fn: Callable[[], object], *, replays: int = 200) -> float:
+    """Device time per call of ``fn`` captured once in a CUDA graph and replayed: the kernels alone, no launch cost."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return cuda_time_per_call_us(graph.replay, calls=replays)
+
+
+def clear_grads(*tensors: torch.Tensor) -> None:
+    for t in tensors:
+        t.grad = None
+
+
 def peak_extra_bytes(fn: Callable[[], object]) -> int:
-    """Peak device memory allocated while ``fn`` runs, above what was allocated before it (its outputs included)."""
+    """Peak device memory allocated while ``fn`` runs, above what was allocated before it (its outputs included).
+
+    Clear the inputs' gradients before calling it, so that the gradients ``fn`` produces count in every table."""
     gc.collect()
     torch.cuda.synchronize()
     torch.cuda.empty_cache()
@@ -85,9 +134,7 @@ def matmul_tflops(m: int, n: int, k: int, dtype: torch.dtype, device="cuda") -> 
     """Measured cuBLAS rate (TFLOP/s) of an ``[m, k] @ [k, n]`` GEMM, the floor's denominator."""
     a = torch.randn(m, k, device=device, dtype=dtype)
     b = torch.randn(k, n, device=device, dtype=dtype)
-    ms = cuda_time_ms(lambda: a @ b, warmup=3, reps=10)
-    del a, b
-    torch.cuda.empty_cache()
+    ms = cuda_time_ms(lambda: a @ b, warmup=3, reps=10, min_warmup_s=0.5)
     return 2.0 * m * n * k / (ms * 1e-3) / 1e12
 
 

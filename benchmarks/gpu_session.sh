@@ -28,21 +28,25 @@ export VPGEA_BENCH_RESULTS=$out/results
   which nvcc && nvcc --version | tail -2
 } 2>&1 | tee "$out/env.txt"
 
-bench() {  # one benchmark file, its tables under $out/results
-  timeout 560 python3 -m pytest "benchmarks/$1" -s -q -rs -p no:cacheprovider 2>&1 | tee "$out/$2.log" \
-    | grep -E '^\||passed|failed|error|Error' | tail -60
+bench() {  # one benchmark file, its tables under $out/results (written after every row); exits with pytest's code
+  timeout 560 python3 -m pytest "benchmarks/$1" -s -q -rs -p no:cacheprovider > "$out/$2.log" 2>&1
+  local rc=$?
+  grep -E '^\||passed|failed|error|Error' "$out/$2.log" | tail -60
+  if [ $rc -eq 124 ]; then echo "bench $1: TIMED OUT after 560 s (tables hold the rows finished so far)"; fi
+  return $rc
 }
 case $what in
   tests)
     # The files with CUDA tests (the rest is CPU-only and needs math-verify, which the device lacks).
     VPGEA_TEST_NVCC=1 timeout 560 python3 -m pytest -q -rs -p no:cacheprovider tests/test_token_logprobs.py \
       tests/test_losses.py tests/test_grpo.py tests/test_policy.py tests/test_packing.py tests/test_kernels_compile.py \
-      2>&1 | tee "$out/tests.log" | tail -40 ;;
-  token) bench test_bench_token_logprobs.py token ;;
-  losses) bench test_bench_losses.py losses ;;
-  packed) bench test_bench_packed.py packed ;;
+      > "$out/tests.log" 2>&1; rc=$?; tail -40 "$out/tests.log"; exit $rc ;;
+  token) bench test_bench_token_logprobs.py token; exit $? ;;
+  losses) bench test_bench_losses.py losses; exit $? ;;
+  packed) bench test_bench_packed.py packed; exit $? ;;
   compile)
-    python3 - <<'EOF' 2>&1 | tee "$out/compile.log"
+    set -o pipefail
+    timeout 560 python3 - <<'EOF' 2>&1 | tee "$out/compile.log"
 import torch, vpgea
 h = torch.randn(4096, 1536, device="cuda", dtype=torch.bfloat16, requires_grad=True)
 w = (torch.randn(151936, 1536, device="cuda", dtype=torch.bfloat16) * 0.03).requires_grad_()

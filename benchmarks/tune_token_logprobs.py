@@ -63,7 +63,7 @@ def main() -> None:
         y = torch.randint(0, v, (n,), device="cuda", generator=g)
         a = torch.randn(n, d, device="cuda").bfloat16()
         b = torch.randn(d, v, device="cuda").bfloat16()
-        floor = bench(lambda: a @ b)
+        floor = bench(lambda a=a, b=b: a @ b)
         del a, b
         ref_rows = 256
         z = (h[:ref_rows].double() @ w.double().t())
@@ -81,7 +81,8 @@ def main() -> None:
                     t, lse, _, _ = K.token_logprobs_forward(h, w, None, y, None, 1.0, False, splits, cfg)
                     err = max((lse[:ref_rows].double() - ref_lse).abs().max().item(),
                               (t[:ref_rows].double() - ref_t).abs().max().item())
-                    ms = bench(lambda: K.token_logprobs_forward(h, w, None, y, None, 1.0, False, splits, cfg))
+                    ms = bench(lambda h=h, w=w, y=y, splits=splits, cfg=cfg:
+                               K.token_logprobs_forward(h, w, None, y, None, 1.0, False, splits, cfg))
                 except Exception as e:  # out of resources and the like: a result of the sweep
                     print(f"  fwd {cfg} splits={splits}: {type(e).__name__}: {str(e)[:100]}", flush=True)
                     continue
@@ -94,8 +95,8 @@ def main() -> None:
         for cfg in bwd_cfgs:
             for ws in WORKSPACE_MIB:
                 try:
-                    ms = bench(lambda: K.token_logprobs_backward(h, w, None, y, None, 1.0, lse, None, gl, None,
-                                                                 True, True, False, ws << 20, cfg))
+                    ms = bench(lambda h=h, w=w, y=y, lse=lse, gl=gl, ws=ws, cfg=cfg: K.token_logprobs_backward(
+                        h, w, None, y, None, 1.0, lse, None, gl, None, True, True, False, ws << 20, cfg))
                 except Exception as e:
                     print(f"  bwd {cfg} ws={ws}MiB: {type(e).__name__}: {str(e)[:100]}", flush=True)
                     continue
