@@ -94,6 +94,14 @@ def _clip(coef: torch.Tensor, epsilon_low: float, epsilon_high: float):
 # packed tokens
 
 
+def _segment_sum(x: torch.Tensor, cu_seqlens: torch.Tensor) -> torch.Tensor:
+    """``[B]`` per-sequence sums of ``x: [N]`` by a float64 prefix sum: deterministic on CUDA (``index_add`` uses
+    atomics, so its float sums vary from run to run), and differentiable."""
+    prefix = torch.cat([x.new_zeros(1, dtype=torch.float64), x.double().cumsum(0)])
+    cu = cu_seqlens.long()
+    return (prefix[cu[1:]] - prefix[cu[:-1]]).to(x.dtype)
+
+
 def grpo_loss_packed(
     logps: torch.Tensor,
     advantages: torch.Tensor,
@@ -130,13 +138,12 @@ def grpo_loss_packed(
     ref = _up(ref_logps) if ref_logps is not None else logps.detach()
     adv = _up(advantages.detach())[seg]  # [N]
     n_f = lengths.to(logps.dtype).clamp(min=1.0)
-    zeros = logps.new_zeros(num_seqs)
 
     log_ratio = logps - old
     if importance_sampling_level == "token":
         log_w = log_ratio
     else:
-        log_w = (zeros.index_add(0, seg, log_ratio) / n_f)[seg]  # sequence mean, broadcast back to tokens
+        log_w = (_segment_sum(log_ratio, cu_seqlens) / n_f)[seg]  # sequence mean, broadcast back to tokens
     coef_1 = torch.exp(log_w)
     coef_2, low, high = _clip(coef_1, epsilon_low, epsilon_high)
     if delta is not None:
@@ -152,7 +159,7 @@ def grpo_loss_packed(
         per_token = per_token + beta * kl
 
     if loss_type == "grpo":
-        loss = (zeros.index_add(0, seg, per_token) / n_f).sum() / max(num_seqs, 1)
+        loss = (per_token / n_f[seg]).sum() / max(num_seqs, 1)  # the sum of sequence means, without atomics
     elif loss_type == "bnpo":
         loss = per_token.sum() / max(num_tokens, 1)
     elif loss_type == "dr_grpo":
