@@ -274,6 +274,53 @@ def test_constructor_errors(load_engine, tmp_path, tiny):
     assert FakeLLM.instances == []  # every error came before vLLM was started
 
 
+class ReseedingLLM(FakeLLM):
+    """vLLM's workers reseed the process's generators with the engine seed while starting up."""
+
+    def __init__(self, **kwargs):
+        import numpy as np
+
+        random.seed(kwargs["seed"])
+        np.random.seed(kwargs["seed"])
+        torch.manual_seed(kwargs["seed"])
+        super().__init__(**kwargs)
+
+
+def test_construction_leaves_the_trainers_generators_alone(load_engine, model_dir):
+    import numpy as np
+
+    mod = load_engine(ReseedingLLM)
+    torch.manual_seed(1234)
+    random.seed(1234)
+    np.random.seed(1234)
+    want = (torch.rand(3), random.random(), np.random.rand())
+    torch.manual_seed(1234)
+    random.seed(1234)
+    np.random.seed(1234)
+    mod.VLLMEngine(model_dir, _Tok(), seed=0)
+    got = (torch.rand(3), random.random(), np.random.rand())
+    assert torch.equal(got[0], want[0]) and got[1:] == want[1:]
+
+
+def test_unsupported_colocation_settings_are_refused(load_engine, model_dir, monkeypatch):
+    mod = load_engine()
+    with pytest.raises(ValueError, match="tensor_parallel_size > 1 with one engine per trainer rank"):
+        mod.VLLMEngine(model_dir, _Tok(), tensor_parallel_size=2, distributed_executor_backend="external_launcher")
+    monkeypatch.setenv("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
+    with pytest.raises(ValueError, match="expandable_segments"):
+        mod.VLLMEngine(model_dir, _Tok())
+    mod.VLLMEngine(model_dir, _Tok(), enable_sleep_mode=False)  # without sleep mode the setting is harmless
+    assert len(FakeLLM.instances) == 1
+
+
+def test_an_aborted_request_is_an_error(load_engine, model_dir):
+    mod = load_engine()
+    eng = mod.VLLMEngine(model_dir, _Tok())
+    eng.llm.script = [([5, 6], "abort", None)]
+    with pytest.raises(RuntimeError, match="finish_reason='abort'"):
+        eng.generate([[3, 4]], max_new_tokens=4, seed=1)
+
+
 # --- generate ---------------------------------------------------------------------------------------------------------
 
 

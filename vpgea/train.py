@@ -487,7 +487,10 @@ def build(cfg: TrainConfig, hf_model, tokenizer, info: DistInfo):
                              dtype=half)
     apply_fsdp(policy, hf_model, info, mixed_precision=info.device.type == "cuda" and cfg.bf16)
     if cfg.engine == "vllm":  # built from the policy: its current weights (a resumed run's) are pushed at once
-        engine = make_engine("vllm", policy, tokenizer, gpu_memory_utilization=cfg.vllm_gpu_memory_utilization)
+        # The context vLLM must hold: the longest prompt (either view) and the longest response. Without it vLLM
+        # takes the checkpoint's own (131072 for the R1 distills) and may refuse to start on a share of the GPU.
+        engine = make_engine("vllm", policy, tokenizer, gpu_memory_utilization=cfg.vllm_gpu_memory_utilization,
+                             max_model_len=cfg.max_prompt_tokens + cfg.max_new_tokens, seed=cfg.seed)
     return policy, engine
 
 

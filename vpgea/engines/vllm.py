@@ -93,6 +93,28 @@ def _rpc_load_weights(worker, weights: list[tuple[str, torch.Tensor]]) -> int:
     return len(weights)
 
 
+def _capture_rng() -> tuple:
+    import random
+
+    import numpy as np
+
+    cuda = torch.cuda.get_rng_state() if torch.cuda.is_available() and torch.cuda.is_initialized() else None
+    return random.getstate(), np.random.get_state(), torch.get_rng_state(), cuda
+
+
+def _restore_rng(state: tuple) -> None:
+    import random
+
+    import numpy as np
+
+    py, npy, cpu, cuda = state
+    random.setstate(py)
+    np.random.set_state(npy)
+    torch.set_rng_state(cpu)
+    if cuda is not None:
+        torch.cuda.set_rng_state(cuda)
+
+
 class VLLMEngine:
     """Rollouts from an in-process ``vllm.LLM`` that shares the GPU with the trainer.
 
@@ -178,19 +200,37 @@ class VLLMEngine:
             # One vLLM per trainer rank: join the existing process group rather than start a new one.
             llm_kwargs["distributed_executor_backend"] = "external_launcher"
 
+        if llm_kwargs.get("distributed_executor_backend") == "external_launcher" and tensor_parallel_size > 1:
+            # external_launcher's TP group must feed every member the same prompts; each trainer rank has its own.
+            raise ValueError(
+                "VLLMEngine: tensor_parallel_size > 1 with one engine per trainer rank (external_launcher) is not "
+                "supported: the ranks of a TP group would be given different prompts. Use tensor_parallel_size=1"
+            )
+        if os.environ.get("PYTORCH_CUDA_ALLOC_CONF", "").find("expandable_segments:True") >= 0 and enable_sleep_mode:
+            raise ValueError(
+                "VLLMEngine: PYTORCH_CUDA_ALLOC_CONF has expandable_segments:True, which vLLM's sleep-mode allocator "
+                "cannot run with; unset it or pass enable_sleep_mode=False"
+            )
+
         self.enable_sleep_mode = bool(enable_sleep_mode)
         self.tensor_parallel_size = int(tensor_parallel_size)
-        self.llm = vllm.LLM(
-            model=self.path,
-            dtype=dtype,
-            gpu_memory_utilization=gpu_memory_utilization,
-            max_model_len=max_model_len,
-            seed=seed,
-            enable_sleep_mode=self.enable_sleep_mode,
-            enable_prefix_caching=enable_prefix_caching,
-            tensor_parallel_size=self.tensor_parallel_size,
-            **llm_kwargs,
-        )
+        # vLLM's workers reseed Python, numpy and torch (CPU and CUDA) with its seed while starting up; in-process that
+        # would reset the trainer's generators, so their states are put back afterwards.
+        rng = _capture_rng()
+        try:
+            self.llm = vllm.LLM(
+                model=self.path,
+                dtype=dtype,
+                gpu_memory_utilization=gpu_memory_utilization,
+                max_model_len=max_model_len,
+                seed=seed,
+                enable_sleep_mode=self.enable_sleep_mode,
+                enable_prefix_caching=enable_prefix_caching,
+                tensor_parallel_size=self.tensor_parallel_size,
+                **llm_kwargs,
+            )
+        finally:
+            _restore_rng(rng)
         self._asleep: set[str] = set()  # allocation tags vLLM has released ("weights", "kv_cache")
         try:
             self._wake_takes_tags = "tags" in inspect.signature(self.llm.wake_up).parameters
@@ -333,6 +373,8 @@ class VLLMEngine:
                 return GenerationOutput(ids + [reason], "stop")
             # vLLM's own EOS (stop_reason None) ended it; vLLM keeps that token as the last id.
             return GenerationOutput(ids, "stop")
+        if completion.finish_reason not in (None, "length"):  # "abort" and the like: not a finished response
+            raise RuntimeError(f"VLLMEngine: vLLM ended a request with finish_reason={completion.finish_reason!r}")
         return GenerationOutput(ids, "length")
 
     def _inprocess_model(self):
