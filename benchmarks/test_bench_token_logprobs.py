@@ -103,7 +103,7 @@ def _add_ratios(rows: list[dict]) -> None:
     by_key = {(r["model"], r["N"], r["provider"]): r for r in rows if "fwd_bwd_ms" in r}
     for r in rows:
         mine = by_key.get((r["model"], r["N"], "vpgea"))
-        if mine and "fwd_bwd_ms" in r and r["provider"] != "vpgea":
+        if mine and "fwd_bwd_ms" in r and r["provider"] not in ("vpgea", "floor (cuBLAS)"):
             r["vpgea_speedup_fwd_bwd"] = r["fwd_bwd_ms"] / mine["fwd_bwd_ms"]
 
 
