@@ -306,20 +306,20 @@ torch.library.register_autograd("vpgea::token_logprobs_fwd", _fwd_backward, setu
 # public function
 
 
-def autocast_head_inputs(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None):
-    """``(hidden, weight, bias, guard)``: under autocast on ``hidden``'s device, the three cast to the autocast dtype
-    (what autocast does to a linear layer's inputs) and ``guard`` a context that turns autocast off, so the fused
-    op's own fp32 arithmetic (log-sum-exp, fp32-output GEMMs) is not recast inside it; otherwise unchanged and a no-op
-    context."""
-    dev = hidden.device.type
+def autocast_inputs(*tensors: torch.Tensor | None):
+    """``(tensors, guard)``. Under autocast on the first tensor's device, the float tensors cast to the autocast dtype
+    (what autocast does to a linear layer's inputs) and ``guard`` a context that turns autocast off, so the fused ops'
+    own fp32 arithmetic (log-sum-exp, fp32-output GEMMs) is not recast inside them. Otherwise the tensors unchanged
+    and ``guard`` None."""
+    dev = tensors[0].device.type
     if dev not in ("cuda", "cpu") or not torch.is_autocast_enabled(dev):
-        return hidden, weight, bias, contextlib.nullcontext()
+        return tensors, None
     dt = torch.get_autocast_dtype(dev)
 
     def cast(t):
-        return t if t is None or t.dtype == dt or not t.is_floating_point() or t.dtype == torch.float64 else t.to(dt)
+        return t if t is None or t.dtype in (dt, torch.float64) or not t.is_floating_point() else t.to(dt)
 
-    return cast(hidden), cast(weight), cast(bias), torch.autocast(dev, enabled=False)
+    return tuple(cast(t) for t in tensors), torch.autocast(dev, enabled=False)
 
 
 def token_logprobs(
@@ -353,8 +353,8 @@ def token_logprobs(
     Under ``torch.autocast`` the inputs are cast to the autocast dtype first, as autocast casts the ``F.linear`` this
     op replaces (fp32 master weights then run on tensor cores); the gradients flow back through the casts.
     """
-    hidden, weight, bias, guard = autocast_head_inputs(hidden, weight, bias)
-    with guard:
+    (hidden, weight, bias), guard = autocast_inputs(hidden, weight, bias)
+    with guard or contextlib.nullcontext():
         return _token_logprobs(hidden, weight, targets, bias, temperature, ignore_index, return_entropy, impl)
 
 

@@ -31,6 +31,7 @@ import torch
 
 from vpgea.grpo import grpo_loss
 from vpgea.kernels._utils import addmm_fp32_, mm_fp32
+from vpgea.logprobs import _bad_targets
 
 __all__ = ["vpgea_loss", "vpgea_loss_reference", "vpgea_loss_fused_linear", "grpo_loss", "NORMALIZE_MODES"]
 
@@ -305,9 +306,8 @@ class _FusedLinearGradInForward(torch.autograd.Function):
         for i in range(0, rows_total, step):
             h = hidden[i : i + step]
             y = targets[i : i + step]
-            valid = y != params.ignore_index
-            bad = valid & ((y < 0) | (y >= vocab))  # only reachable under torch.compile (the eager check raises)
-            valid = valid & ~bad
+            bad = _bad_targets(y, vocab, params.ignore_index)  # only under torch.compile (the eager check raises)
+            valid = (y != params.ignore_index) & ~bad
             yc = torch.where(valid, y, 0)[:, None]  # never an out-of-range index into gather/scatter
             g = torch.where(valid, coefs[i : i + step], 0.0)[:, None]
             z = mm_fp32(h, weight.t())  # [rows, V] fp32
@@ -452,11 +452,10 @@ def vpgea_loss_fused_linear(
     Both views go through one ``token_logprobs`` call (rows concatenated), so the head gradient is one GEMM. Under
     ``torch.autocast`` the hidden states, head and bias are cast to the autocast dtype first (see ``token_logprobs``).
     """
-    from vpgea.logprobs import autocast_head_inputs, token_logprobs
+    from vpgea.logprobs import autocast_inputs, token_logprobs
 
-    if teacher_hidden.device.type in ("cuda", "cpu") and torch.is_autocast_enabled(teacher_hidden.device.type):
-        th, w, b, guard = autocast_head_inputs(teacher_hidden, weight, bias)
-        sh = autocast_head_inputs(student_hidden, weight, None)[0]
+    (th, sh, w, b), guard = autocast_inputs(teacher_hidden, student_hidden, weight, bias)
+    if guard is not None:
         with guard:  # autocast off: the call below sees plain half-precision inputs
             return vpgea_loss_fused_linear(
                 th, sh, w, teacher_targets, student_targets, advantages, cu_seqlens, beta=beta, bias=b,
@@ -496,7 +495,7 @@ def vpgea_loss_fused_linear(
                            impl)
         if not torch.compiler.is_compiling():
             vocab = weight.shape[0]
-            bad = ((targets < 0) | (targets >= vocab)) & (targets != ignore_index)
+            bad = _bad_targets(targets, vocab, ignore_index)
             if bool(bad.any()):
                 i = int(bad.nonzero()[0, 0])
                 view, row = ("teacher", i) if i < num_tokens else ("student", i - num_tokens)

@@ -127,9 +127,9 @@ class HFEngine:
         was_training = self.model.training
         self.model.eval()
         amp = contextlib.nullcontext()
-        param_dtype = next(self.model.parameters()).dtype
-        if self.dtype is not None and self.dtype != param_dtype:  # a shared module in another dtype: autocast
-            amp = torch.autocast(next(self.model.parameters()).device.type, dtype=self.dtype)
+        param = next(self.model.parameters())
+        if self.dtype is not None and self.dtype != param.dtype:  # a shared module in another dtype: autocast
+            amp = torch.autocast(param.device.type, dtype=self.dtype)
         try:
             for start in range(0, len(order), self.batch_size):
                 idx = order[start : start + self.batch_size]

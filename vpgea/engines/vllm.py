@@ -93,28 +93,6 @@ def _rpc_load_weights(worker, weights: list[tuple[str, torch.Tensor]]) -> int:
     return len(weights)
 
 
-def _capture_rng() -> tuple:
-    import random
-
-    import numpy as np
-
-    cuda = torch.cuda.get_rng_state() if torch.cuda.is_available() and torch.cuda.is_initialized() else None
-    return random.getstate(), np.random.get_state(), torch.get_rng_state(), cuda
-
-
-def _restore_rng(state: tuple) -> None:
-    import random
-
-    import numpy as np
-
-    py, npy, cpu, cuda = state
-    random.setstate(py)
-    np.random.set_state(npy)
-    torch.set_rng_state(cpu)
-    if cuda is not None:
-        torch.cuda.set_rng_state(cuda)
-
-
 class VLLMEngine:
     """Rollouts from an in-process ``vllm.LLM`` that shares the GPU with the trainer.
 
@@ -216,7 +194,9 @@ class VLLMEngine:
         self.tensor_parallel_size = int(tensor_parallel_size)
         # vLLM's workers reseed Python, numpy and torch (CPU and CUDA) with its seed while starting up; in-process that
         # would reset the trainer's generators, so their states are put back afterwards.
-        rng = _capture_rng()
+        from vpgea.checkpoint import capture_rng, restore_rng
+
+        rng = capture_rng()
         try:
             self.llm = vllm.LLM(
                 model=self.path,
@@ -230,7 +210,7 @@ class VLLMEngine:
                 **llm_kwargs,
             )
         finally:
-            _restore_rng(rng)
+            restore_rng(rng)
         self._asleep: set[str] = set()  # allocation tags vLLM has released ("weights", "kv_cache")
         try:
             self._wake_takes_tags = "tags" in inspect.signature(self.llm.wake_up).parameters
