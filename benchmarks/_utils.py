@@ -52,6 +52,15 @@ def environment() -> dict:
     return env
 
 
+def time_left_s() -> float:
+    """Seconds until ``VPGEA_BENCH_DEADLINE`` (a Unix time set by ``gpu_session.sh`` so that one device call ends with
+    its tables written, not killed mid-row); infinity when unset. Benchmarks check it between shapes and providers."""
+    import time
+
+    deadline = os.environ.get("VPGEA_BENCH_DEADLINE")
+    return float("inf") if not deadline else float(deadline) - time.time()
+
+
 def cuda_time_ms(fn: Callable[[], object], *, warmup: int = 3, reps: int = 10, min_warmup_s: float = 0.0) -> float:
     """Median wall time of ``fn`` in milliseconds, measured with CUDA events (one sync per repetition).
 
