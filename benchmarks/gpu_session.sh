@@ -2,7 +2,9 @@
 # The GPU session: everything the project checks on a CUDA machine, in one command that fits one device call.
 #
 #   bash benchmarks/gpu_session.sh all       # all of the below in order of value, each with its own time budget
-#                                            # (ALL_BUDGET_S, default 470 s in all), so one ~8-minute call suffices
+#                                            # (ALL_BUDGET_S, default 470 s in all), so one ~8-minute call suffices;
+#                                            # VPGEA_GPU_SECTIONS="token:150 losses:75" picks the sections after the
+#                                            # tests, VPGEA_GPU_TEST_FILES the test files
 #   bash benchmarks/gpu_session.sh tests     # the CUDA tests: kernels vs float64 with gradients, fused losses, CUDA C++
 #                                            # vs Triton, packed attention backends, AOT lowering, the trainer's bf16
 #                                            # autocast steps and exact resume, the HF engine
@@ -74,9 +76,10 @@ cuda_tests() {
   # The test files with CUDA cases or CUDA-dependent paths (device "auto" puts the trainer tests on the GPU).
   local xdist=()
   if python3 -c "import xdist" 2>/dev/null; then xdist=(-n "${VPGEA_TEST_WORKERS:-8}" --dist loadfile); fi
-  VPGEA_TEST_NVCC=1 python3 -m pytest -q -rs -p no:cacheprovider "${xdist[@]}" \
-    tests/test_token_logprobs.py tests/test_losses.py tests/test_grpo.py tests/test_policy.py tests/test_packing.py \
-    tests/test_kernels_compile.py tests/test_train.py tests/test_engine.py
+  local files=${VPGEA_GPU_TEST_FILES:-tests/test_token_logprobs.py tests/test_losses.py tests/test_grpo.py \
+    tests/test_policy.py tests/test_packing.py tests/test_kernels_compile.py tests/test_train.py tests/test_engine.py}
+  # shellcheck disable=SC2086
+  VPGEA_TEST_NVCC=1 python3 -m pytest -q -rs -p no:cacheprovider "${xdist[@]}" $files
 }
 
 compile_check() {
@@ -114,7 +117,7 @@ case $what in
   all)
     run_section tests "$(cap ${TESTS_S:-140})" cuda_tests || status=1
     cp "$work/tests.log" "$out/tests.log" 2>/dev/null
-    for s in token:150 losses:75 packed:60 compile:25; do
+    for s in ${VPGEA_GPU_SECTIONS:-token:150 losses:75 packed:60 compile:25}; do
       name=${s%%:*}; want=${s##*:}
       b=$(cap "$want")
       if [ "$b" -lt 20 ]; then note "== $name: not run (session budget spent)"; continue; fi

@@ -38,11 +38,23 @@ def _eager(h, w, y):
     return torch.log_softmax(logits.float(), dim=-1).gather(-1, y[:, None])[:, 0]
 
 
+def _vpgea_fused_forward(h, w, y):
+    """vpgea with the all-Triton forward (logits never leave the chip) instead of the default cuBLAS-tile forward."""
+    from vpgea.kernels import token_logprobs as K
+
+    old, K.FORWARD_METHOD = K.FORWARD_METHOD, "fused"
+    try:
+        return vpgea.token_logprobs(h, w, y, impl="triton")
+    finally:
+        K.FORWARD_METHOD = old
+
+
 def _providers() -> tuple[dict, dict]:
     """``(providers, skipped)``: the callables ``(h, w, y) -> log-probs [N]``, and why any peer is missing."""
     skipped = {}
     providers = {
-        "vpgea": lambda h, w, y: vpgea.token_logprobs(h, w, y, impl="triton"),
+        "vpgea": lambda h, w, y: vpgea.token_logprobs(h, w, y, impl="triton"),  # "gemm" forward on CUDA
+        "vpgea (fused fwd)": _vpgea_fused_forward,
         "torch-eager": _eager,
     }
     providers["torch-compile"] = torch.compile(_eager, dynamic=False)

@@ -115,9 +115,10 @@ def sweep_forward(rec, model, n, d, v, cfgs, sms):
             if rec.time_left() < 30:
                 return
             try:
-                t, lse, _, _ = K.token_logprobs_forward(h, w, None, y, None, 1.0, False, splits, cfg)
+                t, lse, _, _ = K.token_logprobs_forward(h, w, None, y, None, 1.0, False, splits, cfg, method="fused")
                 err = ((t - lse)[:256].double() - logp64).abs().max().item()
-                ms = bench(lambda: K.token_logprobs_forward(h, w, None, y, None, 1.0, False, splits, cfg))
+                ms = bench(lambda: K.token_logprobs_forward(h, w, None, y, None, 1.0, False, splits, cfg,
+                                                            method="fused"))
             except Exception as e:  # out of resources and the like: a result of the sweep
                 rec.add(exp="fwd-cfg", model=model, N=n, cfg=cfg, splits=splits,
                         error=f"{type(e).__name__}: {str(e)[:100]}")

@@ -276,9 +276,13 @@ def test_fused_linear_matches_eager(impl, normalize):
 
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("normalize", NORMALIZE)
-def test_fused_linear_grad_in_forward_matches(impl, normalize):
+def test_fused_linear_grad_in_forward_matches(impl, normalize, monkeypatch):
     # The one-sweep variant (gradients computed in the forward) against the two-pass path: same loss, metrics and
-    # gradients, with ignored rows, a bias, a temperature and an upstream gradient other than 1.
+    # gradients, with ignored rows, a bias, a temperature and an upstream gradient other than 1; 7 rows per chunk
+    # (9 chunks over the 2T = 60 rows), through the Triton lse/dz row kernel except for impl="torch".
+    import vpgea.losses as L
+
+    monkeypatch.setattr(L, "_GIF_CHUNK_BYTES", 7 * 4 * 157)
     torch.manual_seed(12)
     cu = torch.tensor([0, 6, 6, 19, 30], dtype=torch.int32, device=DEVICE)
     num_tokens, dim, vocab = 30, 24, 157
@@ -339,17 +343,18 @@ def test_fused_linear_under_autocast_is_the_linear_in_the_autocast_dtype(gif):
         torch.testing.assert_close(leaf.grad, h.grad.float())
 
 
-def test_grad_in_forward_bad_targets_under_compile_are_nan():
+@pytest.mark.parametrize("impl", ["torch", "triton"])
+def test_grad_in_forward_bad_targets_under_compile_are_nan(impl):
     # Under torch.compile the range check cannot run: an out-of-range target must neither index out of bounds (a
     # device-side assert on CUDA) nor give a plausible number; its log-prob is NaN, so the loss is NaN.
-    cu = torch.tensor([0, 3, 5], dtype=torch.int32)
-    h, w = torch.randn(5, 8), torch.randn(11, 8)
-    good = torch.tensor([1, 2, 3, -100, 4])
-    bad = torch.tensor([1, 2, 11, -100, -3])
-    adv = torch.tensor([0.5, -0.5])
+    cu = torch.tensor([0, 3, 5], dtype=torch.int32, device=DEVICE)
+    h, w = torch.randn(5, 16, device=DEVICE), torch.randn(11, 16, device=DEVICE)
+    good = torch.tensor([1, 2, 3, -100, 4], device=DEVICE)
+    bad = torch.tensor([1, 2, 11, -100, -3], device=DEVICE)
+    adv = torch.tensor([0.5, -0.5], device=DEVICE)
 
     def f(y):
-        return vpgea_loss_fused_linear(h, h, w, y, y, adv, cu, beta=0.3, impl="torch", grad_in_forward=True)[0]
+        return vpgea_loss_fused_linear(h, h, w, y, y, adv, cu, beta=0.3, impl=impl, grad_in_forward=True)[0]
 
     compiled = torch.compile(f, backend="aot_eager")
     assert torch.isfinite(compiled(good))

@@ -182,6 +182,44 @@ def test_triton_vocab_splits_and_backward_chunks_agree():
         torch.testing.assert_close(a, r, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_forward_methods_agree_with_float64(dtype, monkeypatch):
+    """The "gemm" forward (cuBLAS tiles + Triton fold) and the "fused" one compute the same statistics: several row
+    and vocab tiles, bias, per-token temperatures, entropy, ignored and out-of-range targets."""
+    from vpgea.kernels import token_logprobs as K
+
+    monkeypatch.setattr(K, "GEMM_ROWS", 16)  # 3 row tiles over N = 41
+    h, w, b, y = _make((41,), 517, 24, dtype, bias=True)
+    y[[3, 9]] = -100
+    y[4] = 517  # out of range: target logit 0 on both paths (the public op rejects or NaNs it before)
+    inv_t = (torch.rand(41) + 0.5).to(DEV)
+    gemm = K.token_logprobs_forward(h, w, b, y, inv_t, 1.0, True, method="gemm", workspace_bytes=16 * 4 * 128)
+    fused = K.token_logprobs_forward(h, w, b, y, inv_t, 1.0, True, method="fused")
+    z = (F.linear(h.double(), w.double(), b.double()) * inv_t.double()[:, None])
+    lse = torch.logsumexp(z, -1)
+    tgt = torch.where((y >= 0) & (y < 517), z.gather(-1, y.clamp(0, 516)[:, None])[:, 0], 0.0)
+    ent = lse - (torch.softmax(z, -1) * z).sum(-1)
+    for out in (gemm, fused):
+        t, l, _, e = (x.double() for x in out)
+        # fp32 arithmetic on logits of magnitude ~10: a few fp32 ulps
+        torch.testing.assert_close(l, lse, atol=2e-5, rtol=2e-6)
+        torch.testing.assert_close(t, tgt, atol=2e-5, rtol=2e-6)
+        torch.testing.assert_close(e, ent, atol=5e-5, rtol=2e-5)
+    with pytest.raises(ValueError, match="method must be"):
+        K.token_logprobs_forward(h, w, b, y, inv_t, 1.0, True, method="tiles")
+
+
+@pytest.mark.parametrize("method", ["gemm", "fused"])
+def test_public_op_through_each_forward_method(method, monkeypatch):
+    """The public op (forward, backward, entropy, ignore_index) against float64 through each forward method."""
+    from vpgea.kernels import token_logprobs as K
+
+    monkeypatch.setattr(K, "FORWARD_METHOD", method)
+    monkeypatch.setattr(K, "GEMM_ROWS", 16)
+    _case("triton", (3, 11), 389, 40, torch.float32, temp="per-token")
+    _case("triton", (29,), 203, 48, torch.bfloat16, temp=0.7)
+
+
 @pytest.mark.parametrize("v", [151936, 50257])
 def test_triton_real_vocab_sizes_forward(v):
     """Real vocab sizes (not multiples of any block): padding columns never enter the log-sum-exp."""

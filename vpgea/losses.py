@@ -251,9 +251,10 @@ torch.library.register_autograd("vpgea::vpgea_loss_fwd", _loss_backward, setup_c
 # fused linear form with the head gradient produced in the forward sweep
 
 
-# Rows per chunk of the grad-in-forward sweep: its fp32 [rows, V] logits block stays under this many bytes
-# (512 MiB: 882 rows at V = 152k; big enough for efficient GEMMs, small beside the [N, V] logits it replaces).
-_GIF_CHUNK_BYTES = 512 << 20
+# Rows per chunk of the grad-in-forward sweep: its fp32 [rows, V] logits block stays under this many bytes (1 GiB:
+# 1765 rows at V = 152k). Larger chunks amortise the fp32 dW read-modify-write (one per chunk, 2.2 GB at the 7B
+# head); on an H200 the sweep took 126 / 117 / 98 ms at 512 / 1024 / 2048 rows (benchmarks/NOTES.md, v2).
+_GIF_CHUNK_BYTES = 1 << 30
 
 
 def _token_coefs(advantages, cu_seqlens, num_tokens: int, beta: float, normalize: str):
@@ -270,6 +271,24 @@ def _token_coefs(advantages, cu_seqlens, num_tokens: int, beta: float, normalize
     return expand(per_seq_q), expand(per_seq_p)
 
 
+@torch.library.custom_op("vpgea::logprobs_dlogits_rows", mutates_args=())
+def _rows_op(
+    logits: torch.Tensor, bias: torch.Tensor | None, targets: torch.Tensor, coef: torch.Tensor, inv_temp: float,
+    dz_dtype: torch.dtype,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(logp [R] fp32, dz [R, V] dz_dtype)`` of an fp32 logits block through the Triton row kernel (a custom op, so
+    torch.compile treats the launch as one opaque call)."""
+    from vpgea.kernels.token_logprobs import logprobs_dlogits_rows
+
+    dz = torch.empty(logits.shape, device=logits.device, dtype=dz_dtype)
+    return logprobs_dlogits_rows(logits, bias, targets, coef, inv_temp, dz), dz
+
+
+@_rows_op.register_fake
+def _(logits, bias, targets, coef, inv_temp, dz_dtype):
+    return logits.new_empty(logits.shape[0]), logits.new_empty(logits.shape, dtype=dz_dtype)
+
+
 @dataclass(frozen=True)
 class _GIFParams:
     inv_temp: float
@@ -278,6 +297,7 @@ class _GIFParams:
     beta: float
     normalize: str
     impl: str  # of the loss reduction on the computed log-probs
+    row_kernel: bool  # the Triton lse/dz kernel over each logits block (else torch ops)
     grad_enabled: bool  # grad mode at the call: under no_grad no gradient is produced (needs_input_grad ignores it)
 
 
@@ -311,25 +331,37 @@ class _FusedLinearGradInForward(torch.autograd.Function):
             yc = torch.where(valid, y, 0)[:, None]  # never an out-of-range index into gather/scatter
             g = torch.where(valid, coefs[i : i + step], 0.0)[:, None]
             z = mm_fp32(h, weight.t())  # [rows, V] fp32
-            if bias is not None:
-                z += bias.float()
-            z *= inv_t
-            lse = torch.logsumexp(z, dim=-1, keepdim=True)
-            logp[i : i + step] = torch.where(bad, float("nan"), torch.where(valid, (z.gather(1, yc) - lse)[:, 0], 0.0))
-            if need_h or need_w or need_b:
-                # z becomes dz in place: -g p, plus g at the target, times 1/temperature
-                z.sub_(lse).exp_().mul_(-g)
-                z.scatter_add_(1, yc, g)
-                z.mul_(inv_t)
-                dz = z.to(hidden.dtype)
-                if need_h:
-                    dh[i : i + step] = (mm_fp32(dz, weight)).to(hidden.dtype)
-                if need_w:
-                    addmm_fp32_(dw, dz.t(), h)  # no [V, D] fp32 temporary where torch allows
+            dz = None
+            if params.row_kernel:
+                # One Triton kernel, two reads of the block: logp, and dz in the GEMM dtype (fp32 where the bias
+                # gradient sums it over rows).
+                lp, dz = _rows_op(z, bias, yc[:, 0], g[:, 0].contiguous(), inv_t,
+                                  torch.float32 if need_b else hidden.dtype)
+                logp[i : i + step] = torch.where(bad, float("nan"), torch.where(valid, lp, 0.0))
                 if need_b:
-                    db += z.sum(0)
-                del dz
+                    db += dz.sum(0)
+                    dz = dz.to(hidden.dtype)
+            else:
+                if bias is not None:
+                    z += bias.float()
+                z *= inv_t
+                lse = torch.logsumexp(z, dim=-1, keepdim=True)
+                logp[i : i + step] = torch.where(bad, float("nan"),
+                                                 torch.where(valid, (z.gather(1, yc) - lse)[:, 0], 0.0))
+                if need_h or need_w or need_b:
+                    # z becomes dz in place: -g p, plus g at the target, times 1/temperature
+                    z.sub_(lse).exp_().mul_(-g)
+                    z.scatter_add_(1, yc, g)
+                    z.mul_(inv_t)
+                    if need_b:
+                        db += z.sum(0)
+                    dz = z.to(hidden.dtype)
             del z
+            if need_h:
+                dh[i : i + step] = (mm_fp32(dz, weight)).to(hidden.dtype)
+            if need_w:
+                addmm_fp32_(dw, dz.t(), h)  # no [V, D] fp32 temporary where torch allows
+            del dz
         t = params.num_tokens
         loss, metrics = vpgea_loss(logp[:t], logp[t:], advantages, cu_seqlens, beta=params.beta,
                                    normalize=params.normalize, impl=params.impl)
@@ -443,7 +475,8 @@ def vpgea_loss_fused_linear(
         impl: ``"auto"``, ``"triton"``, ``"cuda"`` (CUDA C++ loss reduction, Triton log-probs) or ``"torch"``.
         grad_in_forward: produce the hidden/head gradients in the forward sweep (the loss is linear in the
             log-probs, so ``dL/dlogp`` is known up front): chunked ``[rows, V]`` logits through cuBLAS, 3 GEMMs instead
-            of 4, at the cost of one fp32 logits chunk (<= 512 MiB) and gradients held from forward to backward.
+            of 4, at the cost of one fp32 logits chunk (<= 1 GiB), an fp32 ``[V, D]`` head-gradient accumulator and
+            gradients held from forward to backward.
             The backward then only scales them. ``impl`` then picks the loss reduction only.
 
     Returns:
@@ -504,8 +537,11 @@ def vpgea_loss_fused_linear(
                     f"{int(targets[i])}"
                 )
         coef_q, coef_p = _token_coefs(advantages, cu_seqlens, num_tokens, float(beta), normalize)
+        from vpgea.kernels._utils import triton_runnable
+
+        row_kernel = impl != "torch" and triton_runnable(hidden.device)
         params = _GIFParams(1.0 / float(temperature), ignore_index, num_tokens, float(beta), normalize, impl,
-                            torch.is_grad_enabled())
+                            row_kernel, torch.is_grad_enabled())
         out = _FusedLinearGradInForward.apply(
             hidden, weight, bias, targets.long(), torch.cat([coef_q, coef_p]), advantages, cu_seqlens, params
         )

@@ -7,11 +7,18 @@ temperatures ``s: [N]`` (or one scalar), the logits are ``z = (h @ W.T + b) * s`
 
 without ever materialising ``z: [N, V]``.
 
-Forward (``token_logprobs_forward``): a grid over (row blocks, vocab splits). Each program walks its vocab split in
-``BLOCK_V`` tiles; per tile it computes the ``[BLOCK_N, BLOCK_V]`` logits with a K-loop of ``tl.dot`` over D and folds
-them into an online log-sum-exp (running max ``m``, scaled sum ``s``), the scaled first moment ``sum e^{z-m} z`` for
-the entropy, and the target logit when the target column falls in the tile. The per-split partials ``[splits, N]``
-are merged afterwards (O(N * splits) work). Vocab splits exist so that small N still fills the GPU.
+Forward (``token_logprobs_forward``), two methods computing the same fp32 statistics: an online log-sum-exp (running
+max ``m``, scaled sum ``l``), the scaled first moment ``sum e^{z-m} z`` for the entropy, and the target logit.
+
+- ``"gemm"`` (the default on CUDA): cuBLAS computes fp32 logits for one [token chunk, vocab chunk] tile at a time into a
+  bounded workspace, and a row-wise Triton kernel folds each tile into the running statistics. One write and one read
+  of the logits per tile, in exchange for cuBLAS's GEMM efficiency: on an H200 (bf16, Qwen2.5-7B head, N = 16384) it
+  ran at 1.16x the cuBLAS floor against 1.44x for the fused kernel, at the same fp32 accuracy
+  (``benchmarks/NOTES.md``). The workspace is sized to the backward's own extra memory, so the op's peak is unchanged.
+- ``"fused"``: a grid over (row blocks, vocab splits). Each program walks its vocab split in ``BLOCK_V`` tiles; per tile
+  it computes the ``[BLOCK_N, BLOCK_V]`` logits with a K-loop of ``tl.dot`` over D and folds them into the statistics in
+  registers; nothing of ``[N, V]`` size is written. The per-split partials ``[splits, N]`` are merged afterwards
+  (O(N * splits) work). Vocab splits exist so that small N still fills the GPU.
 
 Backward (``token_logprobs_backward``): with ``lse`` and ``mu = sum p z`` saved from the forward,
 
@@ -118,6 +125,50 @@ def _token_logprobs_fwd_kernel(
 
 
 @triton.jit
+def _token_logprobs_fold_kernel(
+    Z, B, Y, S,  # logits tile [rows, n_cols] (fp32, raw: before bias and temperature), bias [V], targets, inv temps
+    M, L, T, E,  # running statistics [rows] fp32, updated in place
+    n_cols, v_lo, stride_z, inv_t_scalar,
+    HAS_BIAS: tl.constexpr, HAS_TEMP: tl.constexpr, WITH_ENTROPY: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    """One row per program: fold columns ``[v_lo, v_lo + n_cols)`` of the row's logits into (m, l, t, e)."""
+    row = tl.program_id(0)
+    z_row = Z + row.to(tl.int64) * stride_z
+    y = tl.load(Y + row)
+    if HAS_TEMP:
+        inv_t = tl.load(S + row)
+    else:
+        inv_t = inv_t_scalar
+    m = tl.load(M + row)
+    l = tl.load(L + row)
+    t = tl.load(T + row)
+    e = 0.0
+    if WITH_ENTROPY:
+        e = tl.load(E + row)
+    for c0 in range(0, n_cols, BLOCK_C):
+        cols = c0 + tl.arange(0, BLOCK_C)
+        mask = cols < n_cols
+        z = tl.load(z_row + cols, mask=mask, other=0.0).to(tl.float32)
+        if HAS_BIAS:
+            z += tl.load(B + v_lo + cols, mask=mask, other=0.0).to(tl.float32)
+        z = tl.where(mask, z * inv_t, float("-inf"))
+        # m starts at -inf and every block has a valid column, so m_new is finite: exp(m - m_new) is 0, not NaN.
+        m_new = tl.maximum(m, tl.max(z, 0))
+        alpha = tl.exp(m - m_new)
+        p = tl.exp(z - m_new)
+        l = l * alpha + tl.sum(p, 0)
+        if WITH_ENTROPY:
+            e = e * alpha + tl.sum(p * tl.where(mask, z, 0.0), 0)  # 0 * -inf would be NaN
+        t += tl.sum(tl.where((cols + v_lo == y) & mask, z, 0.0), 0)
+        m = m_new
+    tl.store(M + row, m)
+    tl.store(L + row, l)
+    tl.store(T + row, t)
+    if WITH_ENTROPY:
+        tl.store(E + row, e)
+
+
+@triton.jit
 def _token_logprobs_dlogits_kernel(
     H, W, B, Y, S, LSE, MU, G, GE,  # G, GE: upstream grads [N] fp32 (already zero on ignored rows)
     DZ,  # workspace [N, chunk] in the GEMM dtype: d loss / d raw logits for columns [v_lo, v_lo + chunk)
@@ -154,17 +205,84 @@ def _token_logprobs_dlogits_kernel(
     tl.store(ptrs, dz.to(DZ.dtype.element_ty), mask=row_mask[:, None] & col_mask[None, :])
 
 
+@triton.jit
+def _logprobs_dlogits_rows_kernel(
+    Z, B, Y, G,  # raw logits [rows, V] fp32 (whole rows), bias [V], targets [rows], dL/dlogp [rows] fp32
+    LOGP, DZ,  # out: log-prob of the target [rows] fp32, dL/d raw logits [rows, V] in DZ's dtype
+    V, stride_z, stride_dz, inv_t,
+    HAS_BIAS: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    """One row per program, two reads of the row: the log-sum-exp and the target logit, then
+    ``dz = g (onehot(y) - softmax(z)) * inv_t`` with ``z = (raw + bias) * inv_t``."""
+    row = tl.program_id(0)
+    z_row = Z + row.to(tl.int64) * stride_z
+    y = tl.load(Y + row)
+    g = tl.load(G + row)
+    m = float("-inf")
+    l = 0.0
+    t = 0.0
+    for c0 in range(0, V, BLOCK_C):
+        cols = c0 + tl.arange(0, BLOCK_C)
+        mask = cols < V
+        z = tl.load(z_row + cols, mask=mask, other=0.0)
+        if HAS_BIAS:
+            z += tl.load(B + cols, mask=mask, other=0.0).to(tl.float32)
+        z = tl.where(mask, z * inv_t, float("-inf"))
+        m_new = tl.maximum(m, tl.max(z, 0))
+        l = l * tl.exp(m - m_new) + tl.sum(tl.exp(z - m_new), 0)
+        t += tl.sum(tl.where((cols == y) & mask, z, 0.0), 0)
+        m = m_new
+    lse = m + tl.log(l)
+    tl.store(LOGP + row, t - lse)
+    dz_row = DZ + row.to(tl.int64) * stride_dz
+    for c0 in range(0, V, BLOCK_C):
+        cols = c0 + tl.arange(0, BLOCK_C)
+        mask = cols < V
+        z = tl.load(z_row + cols, mask=mask, other=0.0)
+        if HAS_BIAS:
+            z += tl.load(B + cols, mask=mask, other=0.0).to(tl.float32)
+        dz = (tl.where(cols == y, g, 0.0) - g * tl.exp(z * inv_t - lse)) * inv_t
+        tl.store(dz_row + cols, dz.to(DZ.dtype.element_ty), mask=mask)
+
+
 # --------------------------------------------------------------------------------------------------------------------
 # launchers
 
 
-def _config(n: int, v: int, d: int, dtype: torch.dtype) -> dict:
+def logprobs_dlogits_rows(
+    logits: torch.Tensor,  # [R, V] fp32 raw logits (h @ W.T), whole rows
+    bias: torch.Tensor | None,  # [V]
+    targets: torch.Tensor,  # [R] int64; rows outside [0, V) get target logit 0
+    coef: torch.Tensor,  # [R] fp32: dL/dlogp of each row (0 on ignored rows)
+    inv_temp: float,
+    dz_out: torch.Tensor,  # [R, V] (any float dtype): receives dL/d raw logits
+) -> torch.Tensor:
+    """The "known dL/dlog-prob" step of a one-sweep loss: returns ``logp [R]`` fp32 and fills ``dz_out`` with
+    ``coef (onehot - softmax) / temperature`` in two reads of ``logits`` (torch ops take ~10 passes)."""
+    r, v = logits.shape
+    logp = torch.empty(r, device=logits.device, dtype=torch.float32)
+    if r == 0:
+        return logp
+    with device_guard(logits):
+        _logprobs_dlogits_rows_kernel[(r,)](
+            logits, bias if bias is not None else logits, targets, coef, logp, dz_out,
+            v, logits.stride(0), dz_out.stride(0), float(inv_temp),
+            HAS_BIAS=bias is not None, BLOCK_C=64 if INTERPRET else 2048, num_warps=8,
+        )
+    return logp
+
+
+def _config(n: int, v: int, d: int, dtype: torch.dtype, backward: bool = False) -> dict:
     if INTERPRET:
         # The interpreter runs every program serially in numpy: small tiles keep odd test shapes cheap. tl.dot needs
         # each dimension >= 16.
         return dict(BLOCK_N=16, BLOCK_V=32, BLOCK_D=max(16, min(64, next_pow2(d))), num_warps=4, num_stages=1)
-    block_d = 64 if dtype != torch.float32 else 32
-    return dict(BLOCK_N=128 if n >= 128 else 64, BLOCK_V=128, BLOCK_D=block_d, num_warps=8, num_stages=3)
+    if dtype == torch.float32:
+        return dict(BLOCK_N=128 if n >= 128 else 64, BLOCK_V=128, BLOCK_D=32, num_warps=8, num_stages=3)
+    # H200 sweep (benchmarks/NOTES.md, v2): 128 x 256 tiles beat 128 x 128 in the dlogits kernel (85 vs 94 ms for the
+    # 7B head at N = 16384); the fused forward keeps 128 x 128, whose automatic split count was measured best.
+    block_v = 256 if backward else 128
+    return dict(BLOCK_N=128 if n >= 128 else 64, BLOCK_V=block_v, BLOCK_D=64, num_warps=8, num_stages=3)
 
 
 def _num_sms(device: torch.device) -> int:
@@ -196,16 +314,29 @@ def token_logprobs_forward(
     with_entropy: bool,
     num_splits: int | None = None,
     config: dict | None = None,
+    *,
+    method: str | None = None,
+    workspace_bytes: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Returns ``(target_logit, lse, mu, entropy)``, each fp32 ``[N]`` (``mu``/``entropy`` empty without entropy).
 
     ``target_logit`` is the scaled logit of the target column (0 when the target is outside ``[0, V)``).
+    ``method``: ``"gemm"`` (cuBLAS tiles folded by Triton; the default on CUDA) or ``"fused"`` (logits never leave the
+    chip; the default under the CPU interpreter). ``num_splits`` and ``config`` apply to ``"fused"``,
+    ``workspace_bytes`` (the fp32 logits tile) to ``"gemm"``.
     """
     n, d = hidden.shape
     v = weight.shape[0]
     if n == 0:  # no rows, no programs (a zero-size grid is an error)
         empty = hidden.new_empty(0, dtype=torch.float32)
         return empty, empty.clone(), empty.clone(), empty.clone()
+    if method is None:
+        method = FORWARD_METHOD or ("gemm" if hidden.is_cuda else "fused")
+    if method == "gemm":
+        stats = _forward_gemm(hidden, weight, bias, targets, inv_temp, inv_temp_scalar, with_entropy, workspace_bytes)
+        return _finish(*stats, with_entropy)
+    if method != "fused":
+        raise ValueError(f"token_logprobs_forward: method must be 'gemm' or 'fused', got {method!r}")
     cfg = dict(config) if config else _config(n, v, d, hidden.dtype)
     bn, bv = cfg["BLOCK_N"], cfg["BLOCK_V"]
     n_blocks = triton.cdiv(n, bn)
@@ -233,15 +364,64 @@ def token_logprobs_forward(
     # Merge the per-split partials: O(N * splits).
     m_all = m.max(dim=0).values
     scale = torch.exp(m - m_all)
-    l_all = (l * scale).sum(dim=0)
-    lse = m_all + torch.log(l_all)
-    target_logit = t.sum(dim=0)
+    return _finish(m_all, (l * scale).sum(dim=0), t.sum(dim=0), (e * scale).sum(dim=0) if with_entropy else None,
+                   with_entropy)
+
+
+def _finish(m, l, t, e, with_entropy):
+    """(running max, scaled sum, target logit, scaled first moment) -> (target_logit, lse, mu, entropy)."""
+    lse = m + torch.log(l)
     if with_entropy:
-        mu = (e * scale).sum(dim=0) / l_all
-        entropy = lse - mu
-    else:
-        mu, entropy = lse.new_empty(0), lse.new_empty(0)
-    return target_logit, lse, mu, entropy
+        mu = e / l
+        return t, lse, mu, lse - mu
+    return t, lse, lse.new_empty(0), lse.new_empty(0)
+
+
+# The forward method when the caller names none: None picks by device ("gemm" on CUDA, "fused" under the CPU
+# interpreter, where its numpy GEMM would gain nothing). Tests set it to run every public path through each method.
+FORWARD_METHOD: str | None = None
+# Tokens per logits tile of the "gemm" forward: enough for cuBLAS to run near its peak on a [rows, D] x [D, cols] GEMM.
+GEMM_ROWS = 4096
+
+
+def _gemm_tiles(n: int, v: int, d: int, workspace_bytes: int | None) -> tuple[int, int]:
+    """(token chunk, vocab chunk) of the fp32 logits tile of the ``"gemm"`` forward. By default the tile may use what
+    the backward allocates anyway (its fp32 ``dh`` accumulator plus its dlogits workspace), so the op's peak memory
+    does not grow; 4096 tokens per tile keep cuBLAS efficient."""
+    if workspace_bytes is None:
+        workspace_bytes = max(32 << 20, n * d * 4 + (n * v * 4) // 200)
+    rows = min(n, GEMM_ROWS)
+    cols = max(128, (workspace_bytes // (4 * rows)) // 128 * 128)
+    return rows, min(cols, v)
+
+
+def _forward_gemm(hidden, weight, bias, targets, inv_temp, inv_temp_scalar, with_entropy, workspace_bytes):
+    n, d = hidden.shape
+    v = weight.shape[0]
+    f32 = dict(device=hidden.device, dtype=torch.float32)
+    m = torch.full((n,), float("-inf"), **f32)
+    l = torch.zeros(n, **f32)
+    t = torch.zeros(n, **f32)
+    e = torch.zeros(n, **f32) if with_entropy else None
+    rows, cols = _gemm_tiles(n, v, d, workspace_bytes)
+    block_c = 1024 if not INTERPRET else 64
+    for r0 in range(0, n, rows):
+        r1 = min(n, r0 + rows)
+        h = hidden[r0:r1]
+        for c0 in range(0, v, cols):
+            c1 = min(v, c0 + cols)
+            z = mm_fp32(h, weight[c0:c1].t())  # [rows, cols] fp32 (fp32 accumulation, fp32 output)
+            with device_guard(hidden):
+                _token_logprobs_fold_kernel[(r1 - r0,)](
+                    z, bias if bias is not None else z, targets[r0:r1],
+                    inv_temp[r0:r1] if inv_temp is not None else m,
+                    m[r0:r1], l[r0:r1], t[r0:r1], e[r0:r1] if with_entropy else m,
+                    c1 - c0, c0, z.stride(0), float(inv_temp_scalar),
+                    HAS_BIAS=bias is not None, HAS_TEMP=inv_temp is not None, WITH_ENTROPY=with_entropy,
+                    BLOCK_C=block_c, num_warps=4,
+                )
+            del z
+    return m, l, t, e
 
 
 def _chunk_width(n: int, v: int, elt: int, block_v: int, workspace_bytes: int | None) -> int:
@@ -281,7 +461,7 @@ def token_logprobs_backward(
         return (hidden.new_zeros((0, d), dtype=torch.float32) if need_hidden else None,
                 weight.new_zeros((v, d)) if need_weight else None,
                 bias.new_zeros((v,)) if need_bias else None)
-    cfg = dict(config) if config else _config(n, v, d, hidden.dtype)
+    cfg = dict(config) if config else _config(n, v, d, hidden.dtype, backward=True)
     bn, bv = cfg["BLOCK_N"], cfg["BLOCK_V"]
     with_entropy = grad_entropy is not None
     gemm_dtype = hidden.dtype
@@ -320,6 +500,6 @@ def token_logprobs_backward(
 def workspace_bytes_estimate(n: int, v: int, d: int, dtype: torch.dtype) -> int:
     """Upper bound of the extra device memory one backward allocates (for the benchmarks and the docs)."""
     elt = torch.empty((), dtype=dtype).element_size()
-    cfg = _config(n, v, d, dtype)
+    cfg = _config(n, v, d, dtype, backward=True)
     width = _chunk_width(n, v, elt, cfg["BLOCK_V"], None)
     return n * width * elt + n * d * 4 + 8 * n * 4
