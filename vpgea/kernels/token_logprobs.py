@@ -10,7 +10,7 @@ without ever materialising ``z: [N, V]``.
 Forward (``token_logprobs_forward``), two methods computing the same fp32 statistics: an online log-sum-exp (running
 max ``m``, scaled sum ``l``), the scaled first moment ``sum e^{z-m} z`` for the entropy, and the target logit.
 
-- ``"gemm"`` (the default on CUDA): cuBLAS computes fp32 logits for one [token chunk, vocab chunk] tile at a time into a
+- ``"gemm"`` (the default on CUDA for bf16/fp16): cuBLAS computes fp32 logits for one [token chunk, vocab chunk] tile at a time into a
   bounded workspace, and a row-wise Triton kernel folds each tile into the running statistics. One write and one read
   of the logits per tile, in exchange for cuBLAS's GEMM efficiency: on an H200 (bf16, Qwen2.5-7B head, N = 16384) it
   ran at 1.16x the cuBLAS floor against 1.44x for the fused kernel, at the same fp32 accuracy
@@ -331,7 +331,11 @@ def token_logprobs_forward(
         empty = hidden.new_empty(0, dtype=torch.float32)
         return empty, empty.clone(), empty.clone(), empty.clone()
     if method is None:
-        method = FORWARD_METHOD or ("gemm" if hidden.is_cuda else "fused")
+        # fp32 inputs stay on the fused kernel: its IEEE dots give the logits bit for bit as the backward recomputes
+        # them, while cuBLAS's fp32 GEMM sums in another order, and that lse/recompute mismatch put the fp32 gradients
+        # 1.2-1.5x over the test bound on an H200 (bf16/fp16 stay far inside theirs). fp32 GEMMs gain nothing from
+        # cuBLAS tiles anyway (no tensor cores without TF32).
+        method = FORWARD_METHOD or ("gemm" if hidden.is_cuda and hidden.dtype != torch.float32 else "fused")
     if method == "gemm":
         stats = _forward_gemm(hidden, weight, bias, targets, inv_temp, inv_temp_scalar, with_entropy, workspace_bytes)
         return _finish(*stats, with_entropy)
