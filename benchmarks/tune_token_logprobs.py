@@ -82,7 +82,7 @@ def _gold(h, w, y, rows=256):
 def sweep_forward(rec, model, n, d, v, cfgs, sms):
     h, w, y = _inputs(n, d, v)
     a, b = torch.randn(n, d, device="cuda").bfloat16(), torch.randn(d, v, device="cuda").bfloat16()
-    floor = bench(lambda: a @ b)
+    floor = bench(lambda a=a, b=b: a @ b)
     del a, b
     lse64, logp64 = _gold(h, w, y)
     rec.add(exp="floor", model=model, N=n, ms=floor)
@@ -132,7 +132,7 @@ def sweep_one_sweep(rec, model, n, d, v):
     h, w, y = _inputs(n, d, v)
     coef = torch.randn(n, device="cuda") / n
     a, b = torch.randn(n, d, device="cuda").bfloat16(), torch.randn(d, v, device="cuda").bfloat16()
-    floor = bench(lambda: a @ b)
+    floor = bench(lambda a=a, b=b: a @ b)
     del a, b
     _, logp64 = _gold(h, w, y)
 

@@ -282,7 +282,7 @@ def test_fused_linear_grad_in_forward_matches(impl, normalize, monkeypatch):
     # (9 chunks over the 2T = 60 rows), through the Triton lse/dz row kernel except for impl="torch".
     import vpgea.losses as L
 
-    monkeypatch.setattr(L, "_GIF_CHUNK_BYTES", 7 * 4 * 157)
+    monkeypatch.setattr(L, "_SWEEP_CHUNK_BYTES", 7 * 4 * 157)
     torch.manual_seed(12)
     cu = torch.tensor([0, 6, 6, 19, 30], dtype=torch.int32, device=DEVICE)
     num_tokens, dim, vocab = 30, 24, 157
@@ -469,3 +469,73 @@ def test_cuda_ext_matches_triton(dtype, normalize):
 
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(pytest.main([__file__, "-q"]))
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("route", ["sweep", "two-pass"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_linear_logprob_loss_matches_float64(impl, route, dtype, monkeypatch):
+    # L = sum_t c_t log p(y_t | h_t) against float64 autograd: odd shapes, a bias, a temperature, ignored rows, zero
+    # coefficients; several row chunks for the sweep. Tolerance: twice PyTorch's own error in the same dtype (eager
+    # logits in that dtype, fp32 log-softmax) plus a floor of a few fp32 ulps of the largest value.
+    import vpgea.losses as L
+    from vpgea.losses import linear_logprob_loss
+
+    monkeypatch.setattr(L, "_SWEEP_CHUNK_BYTES", 5 * 4 * 211)  # 5 rows per chunk
+    g = torch.Generator().manual_seed(21)
+    n, d, v = 23, 40, 211
+    h = torch.randn(n, d, generator=g).to(dtype).to(DEVICE)
+    w = (torch.randn(v, d, generator=g) * 0.4).to(dtype).to(DEVICE)
+    b = (torch.randn(v, generator=g) * 0.2).to(dtype).to(DEVICE)
+    y = torch.randint(0, v, (n,), generator=g).to(DEVICE)
+    y[[2, 11]] = -100
+    c = torch.randn(n, generator=g).to(DEVICE)
+    c[[4, 5]] = 0.0
+    leaves = [t.clone().requires_grad_(True) for t in (h, w, b)]
+    loss, logp = linear_logprob_loss(leaves[0], leaves[1], y, c, bias=leaves[2], temperature=0.8, route=route,
+                                     impl=impl)
+    (1.7 * loss).backward()
+
+    def ref(hh, ww, bb, cast):
+        z = (cast(hh) @ cast(ww).t() + cast(bb)).double() / 0.8
+        lp = torch.log_softmax(z, -1).gather(-1, y.clamp(min=0)[:, None])[:, 0]
+        lp = torch.where(y != -100, lp, 0.0)
+        return (c.double() * lp).sum(), lp
+
+    gold_leaves = [t.double().requires_grad_(True) for t in (h, w, b)]
+    gold, gold_lp = ref(*gold_leaves, cast=lambda t: t)
+    (1.7 * gold).backward()
+    eager_leaves = [t.clone().requires_grad_(True) for t in (h, w, b)]
+    eager, eager_lp = ref(*eager_leaves, cast=lambda t: t)  # logits in the input dtype
+    (1.7 * eager).backward()
+    floor = 64 * 2.0**-24 if dtype == torch.float32 else 2.0**-8
+    for name, got, want, theirs in [("loss", loss, gold, eager), ("logp", logp, gold_lp, eager_lp),
+                                    *[(f"grad{i}", a.grad, gl.grad, e.grad)
+                                      for i, (a, gl, e) in enumerate(zip(leaves, gold_leaves, eager_leaves))]]:
+        err = (got.double() - want.detach()).abs().max().item()
+        torch_err = (theirs.detach().double() - want.detach()).abs().max().item()
+        scale = want.detach().abs().max().item()
+        assert err <= 2 * torch_err + floor * scale, (name, err, torch_err, scale)
+    assert logp.requires_grad is False and logp.dtype == torch.float32
+
+
+def test_linear_logprob_loss_routes_agree_and_refuse_bad_input():
+    from vpgea.losses import linear_logprob_loss
+
+    h, w = torch.randn(9, 16, device=DEVICE), torch.randn(31, 16, device=DEVICE)
+    y = torch.randint(0, 31, (9,), device=DEVICE)
+    c = torch.randn(9, device=DEVICE)
+    grads = []
+    for route in ("sweep", "two-pass"):
+        hh, ww = h.clone().requires_grad_(), w.clone().requires_grad_()
+        loss, _ = linear_logprob_loss(hh, ww, y, c, route=route)
+        loss.backward()
+        grads.append((loss.detach(), hh.grad, ww.grad))
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="route must be"):
+        linear_logprob_loss(h, w, y, c, route="three-pass")
+    with pytest.raises(ValueError, match=r"targets\[3\] = 31"):
+        linear_logprob_loss(h, w, torch.tensor([1, 2, 3, 31, 0, 0, 0, 0, 0], device=DEVICE), c)
+    with pytest.raises(ValueError, match="coefs"):
+        linear_logprob_loss(h, w, y, c[:5])

@@ -72,6 +72,9 @@ class TrainConfig:
     """Cross-view validation R = max(0, U - mean U_prior); --no-cross-view uses rule-checked correctness instead."""
     normalize: str = "sum"
     """Sequence log-likelihood normalisation in the loss: "sum", "token" or "global-token"."""
+    loss_route: str = "sweep"
+    """Training pass: "sweep" produces the head and hidden gradients while the log-probs are computed (3 GEMMs over
+    the vocabulary), "two-pass" computes log-probs and recomputes the logits in the backward (4)."""
     loss_on_tail: bool = True
     """Train on z + answer tail (the ELBO's log P(y*, z | x)); --no-loss-on-tail trains on z only."""
     length_penalty: float = 1.0
@@ -149,6 +152,8 @@ class TrainConfig:
         need(self.mode in MODES, f"mode must be one of {MODES}, got {self.mode!r}")
         need(self.engine in ("hf", "vllm"), f"engine must be 'hf' or 'vllm', got {self.engine!r}")
         need(self.normalize in NORMALIZE, f"normalize must be one of {NORMALIZE}, got {self.normalize!r}")
+        need(self.loss_route in ("sweep", "two-pass"), f"loss_route must be 'sweep' or 'two-pass', got "
+             f"{self.loss_route!r}")
         need(self.max_steps >= 0, f"max_steps must be >= 0, got {self.max_steps}")
         for name in ("questions_per_step", "group_size", "prior_samples", "max_new_tokens", "max_prompt_tokens",
                      "eval_samples", "save_every", "keep_last", "log_every", "rollout_batch_size",

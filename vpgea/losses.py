@@ -25,6 +25,7 @@ clipped surrogate on packed tokens, used by the grpo-lp baseline.
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
@@ -33,7 +34,8 @@ from vpgea.grpo import grpo_loss
 from vpgea.kernels._utils import addmm_fp32_, mm_fp32
 from vpgea.logprobs import _bad_targets
 
-__all__ = ["vpgea_loss", "vpgea_loss_reference", "vpgea_loss_fused_linear", "grpo_loss", "NORMALIZE_MODES"]
+__all__ = ["vpgea_loss", "vpgea_loss_reference", "vpgea_loss_fused_linear", "linear_logprob_loss", "grpo_loss",
+           "NORMALIZE_MODES", "ROUTES"]
 
 NORMALIZE_MODES = ("sum", "token", "global-token")
 _NORMALIZE_CODES = {"sum": 0, "token": 1, "global-token": 2}
@@ -251,10 +253,10 @@ torch.library.register_autograd("vpgea::vpgea_loss_fwd", _loss_backward, setup_c
 # fused linear form with the head gradient produced in the forward sweep
 
 
-# Rows per chunk of the grad-in-forward sweep: its fp32 [rows, V] logits block stays under this many bytes (1 GiB:
+# Rows per chunk of the one-sweep route: its fp32 [rows, V] logits block stays under this many bytes (1 GiB:
 # 1765 rows at V = 152k). Larger chunks amortise the fp32 dW read-modify-write (one per chunk, 2.2 GB at the 7B
 # head); on an H200 the sweep took 126 / 117 / 98 ms at 512 / 1024 / 2048 rows (benchmarks/NOTES.md, v2).
-_GIF_CHUNK_BYTES = 1 << 30
+_SWEEP_CHUNK_BYTES = 1 << 30
 
 
 def _token_coefs(advantages, cu_seqlens, num_tokens: int, beta: float, normalize: str):
@@ -290,38 +292,43 @@ def _(logits, bias, targets, coef, inv_temp, dz_dtype):
 
 
 @dataclass(frozen=True)
-class _GIFParams:
+class _SweepParams:
     inv_temp: float
     ignore_index: int
-    num_tokens: int  # T per view
-    beta: float
-    normalize: str
-    impl: str  # of the loss reduction on the computed log-probs
     row_kernel: bool  # the Triton lse/dz kernel over each logits block (else torch ops)
     grad_enabled: bool  # grad mode at the call: under no_grad no gradient is produced (needs_input_grad ignores it)
 
 
-class _FusedLinearGradInForward(torch.autograd.Function):
-    """``(hidden [2T, D], weight [V, D], bias [V] | None, targets [2T], coefs [2T] fp32, advantages [S],
-    cu_seqlens [S+1]) -> [4]`` fp32 (loss, kl, adv_logq, gate_frac).
+def _linear_terms(coefs: torch.Tensor, logp: torch.Tensor) -> torch.Tensor:
+    """``sum coefs * logp`` where a zero coefficient contributes exactly 0 (a -inf log-prob must not make it NaN),
+    while a NaN log-prob (a bad target under torch.compile) still makes the sum NaN."""
+    terms = torch.where(coefs != 0, coefs * logp, 0.0).sum()
+    return terms + torch.where(torch.isnan(logp).any(), float("nan"), 0.0)
 
-    One sweep over row chunks: logits of the chunk (``[rows, V]`` fp32), log-sum-exp, log-probs, and immediately
-    ``dz = coef (onehot - softmax) / temperature``, ``dh = dz @ W``, ``dW += dz.T @ h``: three GEMMs per chunk instead
-    of the four of forward + backward with recomputed logits. The backward only scales the stored gradients.
+
+class _LinearSweep(torch.autograd.Function):
+    """``(hidden [N, D], weight [V, D], bias [V] | None, targets [N], coefs [N] fp32) -> (loss, logp [N])``, with
+    ``loss = sum_t coefs_t logp_t`` and ``logp`` fp32 (not differentiable: the gradient flows through ``loss``).
+
+    One sweep over row chunks: fp32 logits of the chunk (``[rows, V]``, cuBLAS), the log-sum-exp and log-probs, and at
+    once ``dz = coef (onehot - softmax) / temperature``, ``dh = dz @ W``, ``dW += dz.T @ h``: three GEMMs per chunk
+    instead of the four of a forward plus a backward that recomputes the logits. The backward only scales the stored
+    gradients by the incoming one.
     """
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, targets, coefs, advantages, cu_seqlens, params: _GIFParams):
+    def forward(ctx, hidden, weight, bias, targets, coefs, params: _SweepParams):
         rows_total, dim = hidden.shape
         vocab = weight.shape[0]
         need_h = params.grad_enabled and ctx.needs_input_grad[0]
         need_w = params.grad_enabled and ctx.needs_input_grad[1]
         need_b = params.grad_enabled and bias is not None and ctx.needs_input_grad[2]
+        need_any = need_h or need_w or need_b
         logp = hidden.new_empty(rows_total, dtype=torch.float32)
         dh = torch.empty_like(hidden) if need_h else None
         dw = torch.zeros(vocab, dim, device=weight.device, dtype=torch.float32) if need_w else None
         db = torch.zeros(vocab, device=weight.device, dtype=torch.float32) if need_b else None
-        step = max(1, _GIF_CHUNK_BYTES // (4 * max(vocab, 1)))
+        step = max(1, _SWEEP_CHUNK_BYTES // (4 * max(vocab, 1)))
         inv_t = params.inv_temp
         for i in range(0, rows_total, step):
             h = hidden[i : i + step]
@@ -329,7 +336,7 @@ class _FusedLinearGradInForward(torch.autograd.Function):
             bad = _bad_targets(y, vocab, params.ignore_index)  # only under torch.compile (the eager check raises)
             valid = (y != params.ignore_index) & ~bad
             yc = torch.where(valid, y, 0)[:, None]  # never an out-of-range index into gather/scatter
-            g = torch.where(valid, coefs[i : i + step], 0.0)[:, None]
+            g = torch.where(valid, coefs[i : i + step].float(), 0.0)[:, None]
             z = mm_fp32(h, weight.t())  # [rows, V] fp32
             dz = None
             if params.row_kernel:
@@ -348,7 +355,7 @@ class _FusedLinearGradInForward(torch.autograd.Function):
                 lse = torch.logsumexp(z, dim=-1, keepdim=True)
                 logp[i : i + step] = torch.where(bad, float("nan"),
                                                  torch.where(valid, (z.gather(1, yc) - lse)[:, 0], 0.0))
-                if need_h or need_w or need_b:
+                if need_any:
                     # z becomes dz in place: -g p, plus g at the target, times 1/temperature
                     z.sub_(lse).exp_().mul_(-g)
                     z.scatter_add_(1, yc, g)
@@ -362,18 +369,81 @@ class _FusedLinearGradInForward(torch.autograd.Function):
             if need_w:
                 addmm_fp32_(dw, dz.t(), h)  # no [V, D] fp32 temporary where torch allows
             del dz
-        t = params.num_tokens
-        loss, metrics = vpgea_loss(logp[:t], logp[t:], advantages, cu_seqlens, beta=params.beta,
-                                   normalize=params.normalize, impl=params.impl)
         ctx.save_for_backward(dh, dw.to(weight.dtype) if need_w else None, db.to(bias.dtype) if need_b else None)
-        return torch.stack([loss.float(), *(metrics[k].float() for k in _METRIC_KEYS)])
+        ctx.mark_non_differentiable(logp)
+        return _linear_terms(coefs, logp), logp
 
     @staticmethod
-    def backward(ctx, grad_out):
+    def backward(ctx, grad_loss, grad_logp):
         dh, dw, db = ctx.saved_tensors
-        g = grad_out[0]
-        scale = lambda t: None if t is None else t * g.to(t.dtype)  # noqa: E731
-        return scale(dh), scale(dw), scale(db), None, None, None, None, None
+        scale = lambda t: None if t is None else t * grad_loss.to(t.dtype)  # noqa: E731
+        return scale(dh), scale(dw), scale(db), None, None, None
+
+
+ROUTES = ("sweep", "two-pass")
+
+
+def linear_logprob_loss(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    coefs: torch.Tensor,
+    *,
+    bias: torch.Tensor | None = None,
+    temperature: float = 1.0,
+    ignore_index: int = -100,
+    route: str = "sweep",
+    impl: str = "auto",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The "known dL/dlog-prob" op: ``L = sum_t coefs_t log p(targets_t | hidden_t)`` for coefficients fixed before
+    the call. Every on-policy loss with one update per batch has this form once its advantages are known (VPG-EA's
+    two terms, GRPO's surrogate at ratio 1, weighted SFT); the trainer's training pass goes through it.
+
+    Args:
+        hidden: ``[N, D]`` (final norm applied); weight: ``[V, D]`` head; bias: ``[V]`` or None.
+        targets: ``[N]`` int64 in ``[0, V)`` or ``ignore_index``; coefs: ``[N]`` float, ``dL/dlogp`` of each row.
+        temperature: float > 0 (logits are divided by it).
+        route: ``"sweep"``: the hidden, head and bias gradients are produced while the log-probs are computed (three
+            GEMMs, fp32 logits of at most 1 GiB of rows at a time; the backward only scales them); ``"two-pass"``:
+            ``token_logprobs`` forward, logits recomputed in the backward (four GEMMs, a bounded workspace).
+        impl: as ``token_logprobs``; for the sweep, ``"torch"`` uses torch ops for the lse/dz step, anything else the
+            Triton row kernel where Triton runs.
+
+    Returns:
+        ``(loss, logps)``: the 0-d fp32 loss (differentiable) and the ``[N]`` fp32 log-probs (detached; 0 where the
+        target is ``ignore_index``). Both routes give the same loss and gradients up to fp32 rounding. Under
+        ``torch.autocast`` the inputs are cast to the autocast dtype first, as for ``token_logprobs``.
+    """
+    from vpgea.logprobs import autocast_inputs, token_logprobs
+
+    name = "linear_logprob_loss"
+    if route not in ROUTES:
+        raise ValueError(f"{name}: route must be one of {ROUTES}, got {route!r}")
+    if isinstance(temperature, torch.Tensor) or not float(temperature) > 0:
+        raise ValueError(f"{name}: temperature must be a float > 0, got {temperature!r}")
+    if hidden.dim() != 2 or targets.shape != hidden.shape[:1] or coefs.shape != hidden.shape[:1]:
+        raise ValueError(f"{name}: hidden must be [N, D] with targets and coefs [N]; got hidden "
+                         f"{tuple(hidden.shape)}, targets {tuple(targets.shape)}, coefs {tuple(coefs.shape)}")
+    (h, w, b), guard = autocast_inputs(hidden, weight, bias)
+    with guard or contextlib.nullcontext():
+        if route == "two-pass":
+            logp = token_logprobs(h, w, targets, bias=b, temperature=temperature, ignore_index=ignore_index,
+                                  impl=impl)
+            return _linear_terms(coefs.float(), logp), logp.detach()
+        if w.dim() != 2 or w.shape[1] != h.shape[1] or w.dtype != h.dtype:
+            raise ValueError(f"{name}: weight must be [V, D] with D = {h.shape[1]} and dtype {h.dtype}, got "
+                             f"{tuple(w.shape)} {w.dtype}")
+        if not torch.compiler.is_compiling():
+            bad = _bad_targets(targets, w.shape[0], ignore_index)
+            if bool(bad.any()):
+                i = int(bad.nonzero()[0, 0])
+                raise ValueError(f"{name}: targets must be in [0, {w.shape[0]}) or ignore_index={ignore_index}; "
+                                 f"targets[{i}] = {int(targets[i])}")
+        from vpgea.kernels._utils import triton_runnable
+
+        params = _SweepParams(1.0 / float(temperature), ignore_index, impl != "torch" and triton_runnable(h.device),
+                              torch.is_grad_enabled())
+        return _LinearSweep.apply(h, w, b, targets.long(), coefs.float().contiguous(), params)
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -537,16 +607,13 @@ def vpgea_loss_fused_linear(
                     f"{int(targets[i])}"
                 )
         coef_q, coef_p = _token_coefs(advantages, cu_seqlens, num_tokens, float(beta), normalize)
-        from vpgea.kernels._utils import triton_runnable
-
-        row_kernel = impl != "torch" and triton_runnable(hidden.device)
-        params = _GIFParams(1.0 / float(temperature), ignore_index, num_tokens, float(beta), normalize, impl,
-                            row_kernel, torch.is_grad_enabled())
-        out = _FusedLinearGradInForward.apply(
-            hidden, weight, bias, targets.long(), torch.cat([coef_q, coef_p]), advantages, cu_seqlens, params
-        )
-        metrics = out[1:].detach()
-        return out[0], {k: metrics[i] for i, k in enumerate(_METRIC_KEYS)}
+        lin, logps = linear_logprob_loss(hidden, weight, targets.long(), torch.cat([coef_q, coef_p]), bias=bias,
+                                         temperature=float(temperature), ignore_index=ignore_index, route="sweep",
+                                         impl=lp_impl)
+        value, metrics = vpgea_loss(logps[:num_tokens], logps[num_tokens:], advantages, cu_seqlens, beta=beta,
+                                    normalize=normalize, impl=impl)
+        # The value of the VPG-EA loss (its sg[log q] term has no gradient), the gradient of the linear part.
+        return lin + (value - lin).detach(), metrics
     logps = token_logprobs(hidden, weight, targets, bias=bias, temperature=temperature, ignore_index=ignore_index,
                            impl=lp_impl)  # [2T] fp32
     return vpgea_loss(logps[:num_tokens], logps[num_tokens:], advantages, cu_seqlens, beta=beta,

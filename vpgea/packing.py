@@ -27,6 +27,9 @@ __all__ = [
     "PackedBatch",
     "pack_sequences",
     "micro_batches",
+    "pack_groups",
+    "cu_seqlens",
+    "segment_sum",
 ]
 
 ROLE_NONE = -1  # no target: the last position of a sequence
@@ -160,8 +163,7 @@ def pack_sequences(
 
     input_ids = torch.tensor(ids, dtype=torch.int64)  # [T]
     seqlens = torch.tensor(lens, dtype=torch.int64)  # [S]
-    cu = torch.zeros(n + 1, dtype=torch.int64)
-    cu[1:] = torch.cumsum(seqlens, 0)
+    cu = cu_seqlens(seqlens).long()
     seq_idx = torch.repeat_interleave(torch.arange(n), seqlens)  # [T]
     position_ids = torch.arange(len(ids), dtype=torch.int64) - cu[:-1][seq_idx]
     targets = torch.full_like(input_ids, IGNORE_INDEX)
@@ -176,6 +178,43 @@ def pack_sequences(
         roles=torch.tensor(roles, dtype=torch.int8),
         seq_idx=seq_idx,
     )
+
+
+def cu_seqlens(lengths: Sequence[int] | torch.Tensor, device: torch.device | str | None = None) -> torch.Tensor:
+    """``[S+1]`` int32 boundaries ``[0, l_0, l_0 + l_1, ...]`` of sequences of the given lengths (the one builder)."""
+    lengths = torch.as_tensor(lengths, dtype=torch.int64)
+    cu = torch.zeros(lengths.numel() + 1, dtype=torch.int64, device=lengths.device)
+    cu[1:] = torch.cumsum(lengths, 0)
+    if int(cu[-1]) >= 2**31:
+        raise ValueError(f"cu_seqlens: {int(cu[-1])} tokens do not fit int32 boundaries")
+    return cu.to(torch.int32).to(device if device is not None else lengths.device)
+
+
+def segment_sum(x: torch.Tensor, cu: torch.Tensor) -> torch.Tensor:
+    """``[S]`` sums of ``x: [T]`` over the segments ``cu: [S+1]``, through a float64 prefix sum: the same bits on
+    every run and device (``index_add`` uses atomics on CUDA), differentiable, in ``x``'s dtype."""
+    prefix = torch.cat([x.new_zeros(1, dtype=torch.float64), x.double().cumsum(0)])
+    cu = cu.long().to(x.device)
+    return (prefix[cu[1:]] - prefix[cu[:-1]]).to(x.dtype)
+
+
+def pack_groups(group_lengths: Sequence[Sequence[int]], max_tokens: int) -> list[list[tuple[int, int]]]:
+    """Micro-batches of ``(group, sequence)`` pairs under a token budget, keeping each group whole when it fits.
+
+    ``group_lengths[g]`` are the lengths of group ``g``'s sequences (a question's training sequences). Groups whose
+    total fits in ``max_tokens`` are packed whole, longest first into the least-loaded batch (the fewest batches the
+    greedy fills); a larger group is split over batches of its own by ``micro_batches``. Returns the batches in a
+    deterministic order, each a list of ``(group, sequence)`` in group then sequence order.
+    """
+    whole = [g for g, ls in enumerate(group_lengths) if ls and sum(ls) <= max_tokens]
+    batches: list[list[tuple[int, int]]] = []
+    if whole:
+        for idx in micro_batches([sum(group_lengths[g]) for g in whole], max_tokens):
+            batches.append([(whole[i], j) for i in idx for j in range(len(group_lengths[whole[i]]))])
+    for g, ls in enumerate(group_lengths):
+        if ls and g not in whole:
+            batches += [[(g, j) for j in idx] for idx in micro_batches(ls, max_tokens)]
+    return batches
 
 
 def micro_batches(lengths: Sequence[int], max_tokens: int, *, min_batches: int = 1) -> list[list[int]]:

@@ -146,13 +146,15 @@ class PolicyModel(torch.nn.Module):
     # forward
 
     def forward(
-        self, batch: PackedBatch, *, logprobs: bool = False, temperature: float = 1.0, impl: str = "auto"
-    ) -> torch.Tensor:
+        self, batch: PackedBatch, *, logprobs: bool = False, temperature: float = 1.0, impl: str = "auto", head=None
+    ):
         """Last hidden states ``[T, D]`` (final norm applied) of the packed batch; no logits.
 
         With ``logprobs=True``: float32 ``[T]``, the log-prob of each position's target (0 where it is -100),
         computed from the hidden states and the head weight by :func:`vpgea.token_logprobs` inside this forward, so
         that under FSDP2 (this module is the root unit, which owns the head) the kernel sees the gathered weight.
+        With ``head``: returns ``head(hidden [T, D], weight [V, D], bias [V] | None)``, likewise called inside the
+        forward (the trainer's loss from hidden states: ``vpgea.losses.linear_logprob_loss``).
         """
         device = self.device
         cu = batch.cu_seqlens.to(device, torch.int32)
@@ -166,6 +168,8 @@ class PolicyModel(torch.nn.Module):
             max_length_k=int(batch.max_seqlen),
         )
         hidden = out.last_hidden_state[0]  # [T, D]
+        if head is not None:
+            return head(hidden, self.head_weight, self.head_bias)
         if not logprobs:
             return hidden
         from .logprobs import token_logprobs

@@ -22,14 +22,11 @@ from pathlib import Path
 
 import torch
 
-from vpgea import algorithm as alg
 from vpgea.checkpoint import capture_rng, load_optimizer_state, load_trainer_state, restore_rng, save_checkpoint
 from vpgea.config import TrainConfig, parse_args
 from vpgea.distributed import (
     DistInfo,
     all_ranks_agree,
-    all_reduce_max,
-    all_reduce_sum,
     barrier,
     broadcast_object,
     clip_grad_norm,
@@ -38,7 +35,8 @@ from vpgea.distributed import (
     loss_scale,
     shutdown,
 )
-from vpgea.engines.base import derive_seed
+from vpgea.methods import make_method
+from vpgea.step import StepContext, rollouts, score, update
 
 __all__ = ["main", "train"]
 
@@ -108,57 +106,12 @@ def batch_indices(step: int, per_step: int, n: int, seed: int) -> list[int]:
     return out
 
 
-# ----------------------------------------------------------------------------------------------------------------------
-# rollouts
-
-
-@dataclasses.dataclass
-class Rollout:
-    ids: list[int]  # everything generated (stop token included)
-    z: list[int]  # the reasoning path: response before its last answer marker
-    correct: bool
-
-
-def rollout(engine, tokenizer, cfg: TrainConfig, prompts: list[list[int]], golds: list[str], seeds: list[int]):
-    """Sample one response per prompt (prompt i with seed i), split off its path ``z`` and grade its answer."""
-    from vpgea.grading import extract_answer, is_correct
-
-    outs = engine.generate(
-        prompts, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p, seed=seeds
-    )
-    decode = lambda ids: tokenizer.decode(ids, skip_special_tokens=False)  # noqa: E731
-    result = []
-    for out, gold in zip(outs, golds):
-        ids = list(out.token_ids)
-        body = ids[:-1] if out.finish_reason == "stop" and ids else ids
-        z = body[: alg.split_at_marker(body, decode, cfg.answer_marker)]
-        pred = extract_answer(tokenizer.decode(ids, skip_special_tokens=True))
-        result.append(Rollout(ids, z, bool(is_correct(pred, gold))))
-    return result
-
-
 def questions_per_rank(cfg: TrainConfig, info: DistInfo) -> int:
     """Each rank's share of ``--questions-per-step`` (the global batch), which must divide evenly."""
     if cfg.questions_per_step % info.world_size:
         raise ValueError(f"--questions-per-step {cfg.questions_per_step} must be a multiple of the number of "
                          f"processes ({info.world_size}): each rank takes the same number of questions")
     return cfg.questions_per_step // info.world_size
-
-
-def micro_batch_count(lengths: list[int], max_tokens: int, info: DistInfo) -> int:
-    """How many packed micro-batches one forward over sequences of ``lengths`` uses: the fewest that fit in one
-    process; under FSDP2 the largest such count over ranks, since every rank must run as many forwards (each one
-    gathers every unit's parameters) and, for the training pass, as many backwards."""
-    from vpgea.packing import micro_batches
-
-    if not info.enabled:
-        return 1
-    k = all_reduce_max(len(micro_batches(lengths, max_tokens)), info)
-    while True:  # the greedy packer may need more than k batches on some rank: agree on the largest
-        k_next = all_reduce_max(len(micro_batches(lengths, max_tokens, min_batches=k)), info)
-        if k_next == k:
-            return k
-        k = k_next
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -212,9 +165,6 @@ def train(cfg: TrainConfig, policy, tokenizer, items: list[Item], out_dir: Path,
     Returns the last step's metrics (the same on every rank)."""
     from tqdm.auto import tqdm
 
-    from vpgea.grpo import grpo_loss
-    from vpgea.losses import vpgea_loss
-
     info = info or DistInfo(device=policy.device)
     if not items:
         raise ValueError("no training questions left (all prompts were over --max-prompt-tokens?)")
@@ -222,10 +172,9 @@ def train(cfg: TrainConfig, policy, tokenizer, items: list[Item], out_dir: Path,
     n_local = questions_per_rank(cfg, info)
     if info.is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
-    device = policy.device
     # bf16 autocast on one GPU; under FSDP2 its mixed-precision policy casts the parameters instead.
-    use_amp = device.type == "cuda" and cfg.bf16 and not info.enabled
-    amp = torch.autocast("cuda", dtype=torch.bfloat16) if use_amp else contextlib.nullcontext()
+    use_amp = policy.device.type == "cuda" and cfg.bf16 and not info.enabled
+    amp = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if use_amp else contextlib.nullcontext
     params = [p for p in policy.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.lr, betas=cfg.adam_betas, weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg))
@@ -242,10 +191,8 @@ def train(cfg: TrainConfig, policy, tokenizer, items: list[Item], out_dir: Path,
     elif info.is_main and metrics_path.exists():
         metrics_path.unlink()
     barrier(info)
-    vpgea = cfg.mode == "vpgea"
-    K, G = cfg.prior_samples, cfg.group_size
-    budget = cfg.max_tokens_per_micro_batch
-    scale = loss_scale(n_local, n_q, info)  # rank-local sum of question losses -> its share of the global mean
+    ctx = StepContext(cfg, policy, tokenizer, engine, info, make_method(cfg), amp)
+    scale = loss_scale(n_local, n_q, info)  # a rank's sum of question losses -> its share of the global mean
 
     def state(step: int) -> dict:
         return {"scheduler": sched.state_dict(), "rng": capture_rng(), "data_position": step * n_q,
@@ -258,117 +205,18 @@ def train(cfg: TrainConfig, policy, tokenizer, items: list[Item], out_dir: Path,
     with _Stop() as stop, mfile:
         for step in bar:
             t0 = time.perf_counter()
-            order = batch_indices(step, n_q, len(items), cfg.seed)  # the step's questions, the same on every rank
-            mine = range(info.rank * n_local, (info.rank + 1) * n_local)  # the positions this rank takes
-            batch = [items[order[j]] for j in mine]
-            golds = [it.example.answer for it in batch]
-            # A rollout's seed names it (step, question position, view, sample): it is drawn the same on any rank.
-            seed = lambda j, view, k: derive_seed(cfg.seed, step, j, view, k)  # noqa: B023, E731
+            ctx.step = step
+            # --- the step's questions: the same global order on every rank, each rank takes its share
+            order = batch_indices(step, n_q, len(items), cfg.seed)
+            positions = list(range(info.rank * n_local, (info.rank + 1) * n_local))
+            batch = [items[order[j]] for j in positions]
 
-            # --- rollouts: K prior (student view) + G posterior (teacher view) per question; grpo-lp: G + K student
-            engine.wake()
-            if vpgea:
-                prompts = [it.student for it in batch for _ in range(K)] + [it.teacher for it in batch for _ in range(G)]
-                gold_rep = [g for g in golds for _ in range(K)] + [g for g in golds for _ in range(G)]
-                seeds = [seed(j, "prior", k) for j in mine for k in range(K)]
-                seeds += [seed(j, "post", k) for j in mine for k in range(G)]
-            else:
-                prompts = [it.student for it in batch for _ in range(K + G)]
-                gold_rep = [g for g in golds for _ in range(K + G)]
-                seeds = [seed(j, "grpo", k) for j in mine for k in range(K + G)]
-            outs = rollout(engine, tokenizer, cfg, prompts, gold_rep, seeds)
-            engine.sleep()
+            # --- rollouts, scoring, update
+            groups, gen_tokens = rollouts(ctx, batch, positions)
             t_gen = time.perf_counter() - t0
-
-            # Rank-local sums; all-reduced into the step's metrics below.
-            tot = {"questions": float(n_local), "loss": 0.0, "reward": 0.0, "passed": 0.0, "gate": 0.0, "kl": 0.0,
-                   "no_pass": 0.0, "gen_tokens": float(sum(len(o.ids) for o in outs)), "train_tokens": 0.0,
-                   "prior_len": 0.0, "prior_n": 0.0, "prior_correct": 0.0, "post_len": 0.0, "post_n": 0.0,
-                   "post_correct": 0.0}
-            if vpgea:
-                prior = [outs[q * K : (q + 1) * K] for q in range(n_local)]
-                post = [outs[n_local * K + q * G : n_local * K + (q + 1) * G] for q in range(n_local)]
-
-                # --- prior-view scoring, no grad: U(z) = log P(a(y*) | S(x) + z) for every prior path
-                s_prompts = [it.student for it in batch for _ in range(K)]
-                s_paths = [o.z for ps in prior for o in ps]
-                s_tails = [it.tail for it in batch for _ in range(K)]
-                lengths = [len(a) + len(b) + len(c) for a, b, c in zip(s_prompts, s_paths, s_tails)]
-                with torch.no_grad(), amp:
-                    lps = policy.sequence_logprobs(s_prompts, s_paths, answers=s_tails, max_tokens=budget,
-                                                   impl=cfg.logprob_impl,
-                                                   min_micro_batches=micro_batch_count(lengths, budget, info))
-                u_prior = [torch.stack([lps[q * K + k][-len(batch[q].tail):].sum() for k in range(K)]).float().cpu()
-                           for q in range(n_local)]
-
-                # --- per question: one packed forward of both views, cross-view validation, eta, advantages, loss
-                for q, it in enumerate(batch):
-                    zs = [o.z for o in post[q]]
-                    q_prompts = [it.teacher] * G + [it.student] * G
-                    lengths = [len(p) + len(z) + len(it.tail) for p, z in zip(q_prompts, zs + zs)]
-                    with amp:
-                        lps = policy.sequence_logprobs(q_prompts, zs + zs, answers=[it.tail] * (2 * G),
-                                                       max_tokens=budget, impl=cfg.logprob_impl,
-                                                       min_micro_batches=micro_batch_count(lengths, budget, info))
-                    teacher, student = lps[:G], lps[G:]
-                    # The student-view forward of z + a(y*) already holds U(z_i): no separate scoring pass.
-                    u_post = torch.stack([s[-len(it.tail):].sum().detach() for s in student]).float().cpu()
-                    sc = alg.vpgea_scores(
-                        u_post=u_post, u_prior=u_prior[q],
-                        post_lengths=torch.tensor([len(o.ids) for o in post[q]]),
-                        prior_lengths=torch.tensor([len(o.ids) for o in prior[q]]),
-                        alpha=cfg.alpha, cross_view=cfg.cross_view,
-                        post_correct=torch.tensor([o.correct for o in post[q]]),
-                    )
-                    if not cfg.loss_on_tail:
-                        teacher = [t[: len(z)] for t, z in zip(teacher, zs)]
-                        student = [s[: len(z)] for s, z in zip(student, zs)]
-                    lens = torch.tensor([0] + [t.numel() for t in teacher])
-                    cu = lens.cumsum(0).to(torch.int32).to(device)
-                    loss, m = vpgea_loss(torch.cat(teacher), torch.cat(student), sc.advantage.to(device), cu,
-                                         beta=cfg.beta, normalize=cfg.normalize, impl=cfg.logprob_impl)
-                    # All-zero advantages give a zero loss; one process skips its backward, FSDP2 ranks must not
-                    # (every rank runs the same backwards).
-                    if info.enabled or bool((sc.advantage != 0).any()):
-                        (loss * scale).backward()
-                    tot["loss"] += float(loss.detach())
-                    tot["train_tokens"] += int(lens.sum()) * 2
-                    tot["reward"] += sc.reward.mean().item()
-                    tot["passed"] += sc.passed.float().mean().item()
-                    tot["gate"] += float(m["gate_frac"])
-                    tot["kl"] += float(m["kl"])
-                    tot["no_pass"] += float(not bool(sc.passed.any()))
-                    tot["post_len"] += sum(len(o.ids) for o in post[q])
-                    tot["post_n"] += G
-                    tot["post_correct"] += sum(o.correct for o in post[q])
-                    tot["prior_len"] += sum(len(o.ids) for o in prior[q])
-                    tot["prior_n"] += K
-                    tot["prior_correct"] += sum(o.correct for o in prior[q])
-            else:
-                # --- grpo-lp: correctness + group-relative length penalty, GRPO advantages, on-policy surrogate
-                n = K + G
-                for q, it in enumerate(batch):
-                    group = outs[q * n : (q + 1) * n]
-                    reward = alg.length_penalty_reward(torch.tensor([o.correct for o in group]),
-                                                       torch.tensor([len(o.ids) for o in group]), cfg.length_penalty)
-                    adv = alg.group_advantages(reward)
-                    tot["reward"] += reward.mean().item()
-                    tot["prior_len"] += sum(len(o.ids) for o in group)
-                    tot["prior_n"] += n
-                    tot["prior_correct"] += sum(o.correct for o in group)
-                    if not info.enabled and not bool((adv != 0).any()):
-                        continue  # zero advantages: zero loss; FSDP2 ranks run it anyway (same backwards)
-                    lengths = [len(it.student) + len(o.ids) for o in group]
-                    with amp:
-                        lps = policy.sequence_logprobs([it.student] * n, [o.ids for o in group], max_tokens=budget,
-                                                       impl=cfg.logprob_impl,
-                                                       min_micro_batches=micro_batch_count(lengths, budget, info))
-                    lens = torch.tensor([0] + [t.numel() for t in lps])
-                    cu = lens.cumsum(0).to(torch.int32).to(device)
-                    loss, _ = grpo_loss(torch.cat(lps), adv.to(device), cu, loss_type="grpo")
-                    (loss * scale).backward()
-                    tot["loss"] += float(loss.detach())
-                    tot["train_tokens"] += int(lens.sum())
+            score(ctx, groups)
+            stats = update(ctx, groups, scale)
+            stats.gen_tokens = gen_tokens
 
             # --- optimizer step
             grad_norm = clip_grad_norm(params, cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
@@ -378,31 +226,11 @@ def train(cfg: TrainConfig, policy, tokenizer, items: list[Item], out_dir: Path,
             engine.update_weights(policy)  # a collective under FSDP2 (the shards are gathered)
 
             # --- log (sums over every rank's questions)
-            tot = all_reduce_sum(tot, info)
+            stats = stats.reduce(info)
             dt = time.perf_counter() - t0
-            ratio = lambda a, b: tot[a] / tot[b] if tot[b] else None  # noqa: E731
-            per_q = (lambda k: tot[k] / tot["questions"]) if vpgea else (lambda k: None)  # noqa: E731
-            last = {
-                "step": step + 1,
-                "loss": tot["loss"] / tot["questions"],
-                "reward_mean": tot["reward"] / tot["questions"],
-                "prior_len": ratio("prior_len", "prior_n"),
-                "posterior_len": ratio("post_len", "post_n"),
-                "cross_view_pass": per_q("passed"),
-                "gate_frac": per_q("gate"),
-                "kl": per_q("kl"),
-                "tokens_per_s": (tot["gen_tokens"] + tot["train_tokens"]) / dt,
-                "step_time": dt,
-                "gen_time": t_gen,
-                "gen_tokens": int(tot["gen_tokens"]),
-                "train_tokens": int(tot["train_tokens"]),
-                "acc_prior": ratio("prior_correct", "prior_n"),
-                "acc_posterior": ratio("post_correct", "post_n"),
-                "no_pass_questions": int(tot["no_pass"]) if vpgea else None,
-                "skipped_prompts": skipped,
-                "lr": sched.get_last_lr()[0],
-                "grad_norm": grad_norm,
-            }
+            last = {"step": step + 1, **stats.record(), "tokens_per_s": (stats.gen_tokens + stats.train_tokens) / dt,
+                    "step_time": dt, "gen_time": t_gen, "skipped_prompts": skipped, "lr": sched.get_last_lr()[0],
+                    "grad_norm": grad_norm}
             if not math.isfinite(last["loss"]):  # the reduced loss: every rank raises together
                 raise FloatingPointError(f"step {step + 1}: loss is {last['loss']}")
             if info.is_main:
@@ -412,9 +240,11 @@ def train(cfg: TrainConfig, policy, tokenizer, items: list[Item], out_dir: Path,
                     bar.write(f"step {step + 1}: {last['no_pass_questions']}/{n_q} questions had no posterior path "
                               "passing cross-view validation (zero advantages)")
                 if (step + 1) % cfg.log_every == 0:
-                    post_s = f"{last['posterior_len']:5.1f}" if vpgea else "  -  "
-                    bar.set_postfix_str(f"loss {last['loss']:+.4f} | len {last['prior_len']:5.1f}/{post_s} | "
+                    post = last["posterior_len"]
+                    bar.set_postfix_str(f"loss {last['loss']:+.4f} | len {last['prior_len']:5.1f}/"
+                                        f"{'  -  ' if post is None else f'{post:5.1f}'} | "
                                         f"acc {last['acc_prior']:.2f} | {last['tokens_per_s']:.0f} tok/s")
+
             # --- checkpoint (a signal on any rank stops every rank)
             interrupted = not all_ranks_agree(stop.signum is None, info)
             done = step + 1 == cfg.max_steps
