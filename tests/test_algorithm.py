@@ -108,3 +108,85 @@ def test_length_penalty_reward():
     torch.testing.assert_close(same, torch.tensor([1.0, 0.0]))
     adv = alg.group_advantages(alg.length_penalty_reward(torch.tensor([True] * 3), torch.tensor([5, 5, 5])))
     assert torch.equal(adv, torch.zeros(3))
+
+
+# --- the efficient-reasoning baselines ------------------------------------------------------------------------------
+
+from vpgea.algorithm import (  # noqa: E402
+    ibpo_select,
+    l1_exact_reward,
+    l1_max_reward,
+    length_schedule,
+    limit_at,
+    shortest_correct,
+    thinkprune_reward,
+)
+
+T = torch.tensor
+
+
+def test_thinkprune_reward_hand_worked():
+    # correct within the limit: 1; correct but over (a sampler with a larger limit): 0; wrong: 0; a truncated
+    # response (cut at the limit, so no answer) is graded incorrect upstream: 0.
+    correct = T([True, True, False, False, True])
+    lengths = T([10, 41, 12, 40, 40])
+    assert thinkprune_reward(correct, lengths, 40).tolist() == [1.0, 0.0, 0.0, 0.0, 1.0]
+    assert thinkprune_reward(T([False] * 3), T([1, 2, 3]), 40).tolist() == [0.0] * 3  # none correct
+    assert thinkprune_reward(T([True] * 2), T([5, 5]), 40).tolist() == [1.0, 1.0]  # all correct, tied lengths
+
+
+def test_length_schedule_parsing_and_lookup():
+    stages = length_schedule("200:3072,0:4096,400:2048")
+    assert stages == [(0, 4096), (200, 3072), (400, 2048)]
+    assert [limit_at(stages, s) for s in (0, 199, 200, 399, 400, 10_000)] == [4096, 4096, 3072, 3072, 2048, 2048]
+    for bad, msg in (("5:100", "start at step 0"), ("0:100,x", "not step:limit"), ("0:0", "limit >= 1"),
+                     ("0:10,0:20", "appears twice")):
+        with pytest.raises(ValueError, match=msg):
+            length_schedule(bad)
+
+
+def test_l1_rewards_hand_worked():
+    correct = T([True, True, False, True])
+    lengths = T([1000, 3000, 1000, 1000])
+    # L1-Exact: 1[correct] - a |N - L| with N = 2000, a = 3e-4
+    assert l1_exact_reward(correct, lengths, 2000).tolist() == pytest.approx([0.7, 0.7, -0.3, 0.7])
+    # L1-Max: 1[correct] * clip(a (N - L) + 0.5, 0, 1): under budget 0.8, over it 0.2, wrong 0
+    assert l1_max_reward(correct, lengths, 2000).tolist() == pytest.approx([0.8, 0.2, 0.0, 0.8])
+    assert l1_max_reward(T([True]), T([0]), 5000).tolist() == [1.0]  # clipped at 1
+    assert l1_max_reward(T([True]), T([9000]), 1000).tolist() == [0.0]  # clipped at 0
+    assert l1_exact_reward(T([False, False]), T([5, 5]), 5).tolist() == [0.0, 0.0]  # none correct, exact length
+
+
+def test_shortest_correct_hand_worked():
+    assert shortest_correct(T([False, True, True, True]), T([1, 9, 4, 4])) == 2  # a tie goes to the first
+    assert shortest_correct(T([False, False]), T([1, 2])) is None
+    assert shortest_correct(T([True, True]), T([7, 3])) == 1
+
+
+def _ibpo_objective(x, correct, extended, question, budget):
+    xs = [i for i in range(len(x)) if x[i]]
+    if any(not correct[i] for i in xs):
+        return None
+    if sum(1 for i in xs if extended[i]) > budget * len(xs) + 1e-9:
+        return None
+    return (len({question[i] for i in xs}), len(xs))
+
+
+def test_ibpo_select_is_optimal_against_brute_force():
+    import itertools
+    import random
+
+    rng = random.Random(0)
+    for trial in range(300):
+        n = rng.randint(1, 8)
+        correct = [rng.random() < 0.6 for _ in range(n)]
+        extended = [rng.random() < 0.5 for _ in range(n)]
+        question = [rng.randint(0, 3) for _ in range(n)]
+        budget = rng.choice([0.0, 0.1, 0.25, 0.5, 0.75, 1.0])
+        best = max(o for bits in itertools.product([0, 1], repeat=n)
+                   if (o := _ibpo_objective(bits, correct, extended, question, budget)) is not None)
+        x = ibpo_select(T(correct), T(extended), T(question), budget)
+        got = _ibpo_objective(x.tolist(), correct, extended, question, budget)
+        assert got == best, (trial, correct, extended, question, budget, x.tolist())
+    with pytest.raises(ValueError, match="budget"):
+        ibpo_select(T([True]), T([False]), T([0]), 1.5)

@@ -105,3 +105,33 @@ def test_packing_across_questions_changes_only_the_number_of_forwards(tmp_path, 
     for r in (small,):
         for k in ("loss", "reward_mean", "grad_norm", "kl", "gate_frac", "cross_view_pass", "u_post"):
             assert r[k] == pytest.approx(big[k], rel=1e-5, abs=1e-5), k
+
+
+MODE_KEYS = ("loss", "reward_mean", "prior_len", "acc_prior", "tokens_per_s", "grad_norm")
+
+
+@pytest.mark.parametrize("mode", ["thinkprune", "l1-exact", "l1-max", "rft-shortest", "ibpo", "no-cross-view",
+                                  "beta-0", "alpha-0"])
+def test_two_steps_of_each_mode(tmp_path, mode):
+    from vpgea.config import MODES
+
+    assert mode in MODES
+    out = tmp_path / mode
+    assert train.main([*TINY, "--mode", mode, "--max-steps", "2", "--length-schedule", "0:24,1:16",
+                       "--l1-range", "8", "20", "--output-dir", str(out)]) == 0
+    rows = _metrics(out / mode.replace("-", "_") / "metrics.jsonl")
+    assert [r["step"] for r in rows] == [1, 2]
+    for r in rows:
+        for k in MODE_KEYS:
+            assert r[k] is not None and r[k] == r[k], (mode, k, r[k])
+    if mode == "thinkprune":
+        assert [r["length_limit"] for r in rows] == [24, 16]
+        assert all(r["prior_len"] <= r["length_limit"] for r in rows)  # sampled under the stage's limit
+    if mode.startswith("l1"):
+        assert all(8 <= r["l1_target"] <= 20 for r in rows)
+    if mode in ("rft-shortest", "ibpo"):
+        assert all(0 <= r["reinforced_frac"] <= 1 for r in rows)
+    if mode == "no-cross-view":
+        assert all(r["u_post"] is None for r in rows)  # no U without cross-view validation
+    else:
+        assert (rows[0]["gate_frac"] is None) == (mode not in ("beta-0", "alpha-0"))

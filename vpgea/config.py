@@ -15,7 +15,8 @@ from dataclasses import dataclass
 
 __all__ = ["PRESETS", "TrainConfig", "parse_args", "preset_r1_distill_1p5b", "preset_r1_distill_7b", "preset_toy"]
 
-MODES = ("vpgea", "grpo-lp")
+MODES = ("vpgea", "grpo-lp", "thinkprune", "l1-exact", "l1-max", "rft-shortest", "ibpo", "no-cross-view", "beta-0",
+         "alpha-0")
 NORMALIZE = ("sum", "token", "global-token")
 
 
@@ -79,6 +80,20 @@ class TrainConfig:
     """Train on z + answer tail (the ELBO's log P(y*, z | x)); --no-loss-on-tail trains on z only."""
     length_penalty: float = 1.0
     """grpo-lp: weight of the group-relative length penalty added to correctness."""
+    length_schedule: str = "0:4096,200:3072,400:2048"
+    """thinkprune: token limits by step, "step:limit,..." (the first at step 0); rollouts are cut at the limit."""
+    l1_range: tuple[int, int] = (100, 4000)
+    """l1-exact / l1-max: the length target N of each question is drawn uniformly from this range (tokens)."""
+    l1_prompt: str = "Think for {target} tokens."
+    """l1-*: line appended to the student message, with {target}."""
+    l1_a: float = 3e-4
+    """l1-*: the length penalty's slope a (published default)."""
+    l1_delta: float = 0.5
+    """l1-max: the offset delta (published default)."""
+    ibpo_budget: float = 0.25
+    """ibpo: the largest share of reinforced responses that may come from the extended length group."""
+    ibpo_threshold: int | None = None
+    """ibpo: responses longer than this many tokens are extended (default: the batch's median length)."""
 
     # --- prompts ---
     instruction: str = "Please reason step by step, and put your final answer within \\boxed{}."

@@ -44,6 +44,7 @@ class Group:
     index: int  # the question's position in the step's global batch (names its rollouts' seeds)
     item: object  # vpgea.train.Item: token ids of both views and of the answer tail
     samples: dict[str, list[Sample]] = field(default_factory=dict)  # by draw tag
+    prompts: dict[str, list[int]] = field(default_factory=dict)  # the prompt each draw was sampled from, by tag
     u_prior: torch.Tensor | None = None  # [K] U of the prior paths (VPG-EA)
     u_post: torch.Tensor | None = None  # [G] U of the posterior paths (VPG-EA)
 
@@ -115,6 +116,12 @@ class StepStats:
     n_correct: float = 0.0
     pass_wrong: float = 0.0  # ... that pass although their own answer is wrong
     n_wrong: float = 0.0
+    # baselines (zero where they do not apply)
+    limit: float = 0.0  # thinkprune: the token limit, summed over questions
+    target: float = 0.0  # l1-*: the length target asked for, summed over questions
+    reinforced: float = 0.0  # rft-shortest / ibpo: responses reinforced
+    reinforced_extended: float = 0.0  # ibpo: ... of them in the extended length group
+    candidates: float = 0.0  # rft-shortest / ibpo: responses considered
 
     def add(self, other: StepStats) -> StepStats:
         for f in dataclasses.fields(self):
@@ -150,6 +157,10 @@ class StepStats:
             "gated_len": ratio(self.gated_len, self.gated_n),
             "pass_correct": ratio(self.pass_correct, self.n_correct),
             "pass_wrong": ratio(self.pass_wrong, self.n_wrong),
+            "length_limit": ratio(self.limit, q) if self.limit else None,
+            "l1_target": ratio(self.target, q) if self.target else None,
+            "reinforced_frac": ratio(self.reinforced, self.candidates),
+            "extended_share": ratio(self.reinforced_extended, self.reinforced) if self.candidates else None,
             "gen_tokens": int(self.gen_tokens),
             "train_tokens": int(self.train_tokens),
         }
@@ -171,11 +182,28 @@ class Method:
     values_needed = False  # does ``finish`` need the log-likelihood sums even when every weight is zero?
     answer_in_loss = False  # are answer tokens trained on (else scored for U only)?
 
-    def __init__(self, cfg) -> None:
+    def __init__(self, cfg, tokenizer=None) -> None:
         self.cfg = cfg
+        self.tokenizer = tokenizer
+        self.step = 0
+
+    def begin_step(self, step: int) -> None:
+        """Called before the step's rollouts (0-based step)."""
+        self.step = step
 
     def draws(self) -> list[Draw]:
         raise NotImplementedError
+
+    def prompt(self, group: Group, draw: Draw) -> list[int]:
+        """The prompt ``draw`` samples from for ``group`` (the item's student or teacher view by default)."""
+        return group.item.student if draw.view == "student" else group.item.teacher
+
+    def max_new_tokens(self) -> int:
+        """The sampler's token limit this step."""
+        return self.cfg.max_new_tokens
+
+    def prepare(self, groups: list[Group]) -> None:
+        """After scoring, before any ``weights``: a method that selects over the whole batch (IBPO) does it here."""
 
     def score_sequences(self, group: Group) -> list[Seq]:
         return []
@@ -293,25 +321,33 @@ class VPGEA(Method):
         return st
 
 
-class GRPOLengthPenalty(Method):
-    """grpo-lp: GRPO on the student view with correctness plus Kimi k1.5's group-relative length penalty
-    (``vpgea.algorithm.length_penalty_reward``), K + G samples per question (VPG-EA's rollout budget), the on-policy
-    surrogate with each sequence's token mean (GRPO's ``loss_type="grpo"``): weights ``-A_i / (n_i * group)``."""
+class _StudentGroup(Method):
+    """K + G student-view samples per question (VPG-EA's rollout budget), each trained on as sampled."""
 
-    name = "grpo-lp"
+    tag = "grpo"
 
     def draws(self) -> list[Draw]:
-        return [Draw("grpo", "student", self.cfg.prior_samples + self.cfg.group_size)]
+        return [Draw(self.tag, "student", self.cfg.prior_samples + self.cfg.group_size)]
 
     def _samples(self, group: Group) -> list[Sample]:
-        return group.samples["grpo"]
+        return group.samples[self.tag]
 
     def train_sequences(self, group: Group) -> list[Seq]:
-        return [Seq(group.item.student, s.ids) for s in self._samples(group)]
+        prompt = group.prompts.get(self.tag, group.item.student)
+        return [Seq(prompt, s.ids) for s in self._samples(group)]
+
+    def _base_stats(self, group: Group) -> StepStats:
+        samples = self._samples(group)
+        return StepStats(questions=1, prior_len=float(_lengths(samples).sum()), prior_n=len(samples),
+                         prior_correct=float(_correct(samples).sum()))
+
+
+class _GRPOFamily(_StudentGroup):
+    """GRPO on the student view with a per-sample reward: group z-scored advantages and the on-policy surrogate with
+    each sequence's token mean (GRPO's ``loss_type="grpo"``), i.e. weights ``-A_i / (n_i * group)``."""
 
     def rewards(self, group: Group) -> torch.Tensor:
-        samples = self._samples(group)
-        return alg.length_penalty_reward(_correct(samples), _lengths(samples), self.cfg.length_penalty)
+        raise NotImplementedError
 
     def weights(self, group: Group, u, scale: float) -> Weights:
         samples = self._samples(group)
@@ -322,20 +358,184 @@ class GRPOLengthPenalty(Method):
         return Weights(completion=w, answer=torch.zeros_like(w), data={"reward": reward, "adv": adv})
 
     def finish(self, group, w, completion_sums, answer_sums) -> StepStats:
-        samples = self._samples(group)
         adv = w.data["adv"]
-        return StepStats(
-            questions=1, loss=float(-adv.mean()) if adv.numel() else 0.0, reward=float(w.data["reward"].mean()),
-            prior_len=float(_lengths(samples).sum()), prior_n=len(samples),
-            prior_correct=float(_correct(samples).sum()),
-        )
+        st = self._base_stats(group)
+        st.loss = float(-adv.mean()) if adv.numel() else 0.0  # the surrogate's value at ratio 1
+        st.reward = float(w.data["reward"].mean())
+        return st
 
 
-METHODS = {"vpgea": VPGEA, "grpo-lp": GRPOLengthPenalty}
+class GRPOLengthPenalty(_GRPOFamily):
+    """grpo-lp: correctness plus Kimi k1.5's group-relative length penalty (``algorithm.length_penalty_reward``)."""
+
+    name = "grpo-lp"
+
+    def rewards(self, group: Group) -> torch.Tensor:
+        samples = self._samples(group)
+        return alg.length_penalty_reward(_correct(samples), _lengths(samples), self.cfg.length_penalty)
 
 
-def make_method(cfg) -> Method:
-    """The method of ``cfg.mode``."""
+class ThinkPrune(_GRPOFamily):
+    """thinkprune: length-clipped RL (``algorithm.thinkprune_reward``): sampled with the current stage's token limit
+    (``--length-schedule "0:4096,200:3072,400:2048"``), reward 1 for a correct answer within it."""
+
+    name = "thinkprune"
+
+    def __init__(self, cfg, tokenizer=None) -> None:
+        super().__init__(cfg, tokenizer)
+        self.stages = alg.length_schedule(cfg.length_schedule)
+
+    def max_new_tokens(self) -> int:
+        return alg.limit_at(self.stages, self.step)
+
+    def rewards(self, group: Group) -> torch.Tensor:
+        samples = self._samples(group)
+        return alg.thinkprune_reward(_correct(samples), _lengths(samples), self.max_new_tokens())
+
+    def finish(self, group, w, completion_sums, answer_sums) -> StepStats:
+        st = super().finish(group, w, completion_sums, answer_sums)
+        st.limit = float(self.max_new_tokens())
+        return st
+
+
+class L1(_GRPOFamily):
+    """l1-exact / l1-max (LCPO): the prompt asks for a target length N drawn per question and step from
+    ``--l1-range`` (the line ``--l1-prompt`` appended to the student message); the reward is
+    ``algorithm.l1_exact_reward`` or ``l1_max_reward`` with ``--l1-a`` / ``--l1-delta``."""
+
+    def __init__(self, cfg, tokenizer=None, *, exact: bool) -> None:
+        super().__init__(cfg, tokenizer)
+        self.exact = exact
+        self.name = "l1-exact" if exact else "l1-max"
+
+    def target(self, group: Group) -> int:
+        import random
+
+        from vpgea.engines.base import derive_seed
+
+        lo, hi = self.cfg.l1_range
+        return random.Random(derive_seed(self.cfg.seed, self.step, group.index, "l1-target")).randint(lo, hi)
+
+    def prompt(self, group: Group, draw: Draw) -> list[int]:
+        from vpgea.prompts import student_prompt
+
+        extra = self.cfg.l1_prompt.format(target=self.target(group))
+        return student_prompt(self.cfg, self.tokenizer, group.item.example.question, extra=extra)
+
+    def rewards(self, group: Group) -> torch.Tensor:
+        samples = self._samples(group)
+        correct, lengths, n = _correct(samples), _lengths(samples), self.target(group)
+        if self.exact:
+            return alg.l1_exact_reward(correct, lengths, n, a=self.cfg.l1_a)
+        return alg.l1_max_reward(correct, lengths, n, a=self.cfg.l1_a, delta=self.cfg.l1_delta)
+
+    def finish(self, group, w, completion_sums, answer_sums) -> StepStats:
+        st = super().finish(group, w, completion_sums, answer_sums)
+        st.target = float(self.target(group))
+        return st
+
+
+class RFTShortest(_StudentGroup):
+    """rft-shortest: rejection-sampling fine-tuning on the shortest correct of each question's K + G student-view
+    samples (``algorithm.shortest_correct``); the NLL token mean of the pick, averaged over the step's questions (a
+    question without a correct sample contributes nothing). VPG-EA's control: short correct paths selected without
+    any teacher view."""
+
+    name = "rft-shortest"
+
+    def weights(self, group: Group, u, scale: float) -> Weights:
+        samples = self._samples(group)
+        pick = alg.shortest_correct(_correct(samples), _lengths(samples))
+        w = torch.zeros(len(samples))
+        if pick is not None:
+            w[pick] = -scale / max(len(samples[pick].ids), 1)
+        return Weights(completion=w, answer=torch.zeros_like(w), data={"pick": pick})
+
+    def finish(self, group, w, completion_sums, answer_sums) -> StepStats:
+        st = self._base_stats(group)
+        pick = w.data["pick"]
+        st.candidates = len(self._samples(group))
+        st.reinforced = float(pick is not None)
+        if pick is not None and completion_sums is not None:
+            st.loss = float(-completion_sums[pick] / max(len(self._samples(group)[pick].ids), 1))
+        st.reward = float(_correct(self._samples(group)).float().mean())
+        return st
+
+
+class IBPO(_StudentGroup):
+    """ibpo: inference-budget-constrained selection (``algorithm.ibpo_select``) over the step's batch of student-view
+    samples: a response is in the extended group when it is longer than ``--ibpo-threshold`` tokens (default: the
+    batch's median length); the chosen correct responses are reinforced by weighted SFT (token mean, averaged over the
+    chosen ones), with the extended group's share of them at most ``--ibpo-budget``. Under torchrun the batch is each
+    rank's share of the step."""
+
+    name = "ibpo"
+
+    def prepare(self, groups: list[Group]) -> None:
+        samples = [(q, s) for q, g in enumerate(groups) for s in self._samples(g)]
+        lengths = torch.tensor([len(s.ids) for _, s in samples], dtype=torch.float32)
+        threshold = self.cfg.ibpo_threshold
+        if threshold is None:
+            threshold = float(lengths.median()) if lengths.numel() else 0.0
+        extended = lengths > threshold
+        chosen = alg.ibpo_select(torch.tensor([s.correct for _, s in samples], dtype=torch.bool), extended,
+                                 torch.tensor([q for q, _ in samples]), self.cfg.ibpo_budget)
+        self._choice, at = {}, 0
+        self._total = max(int(chosen.sum()), 1)
+        for q, g in enumerate(groups):
+            n = len(self._samples(g))
+            self._choice[id(g)] = (chosen[at : at + n].clone(), extended[at : at + n].clone())
+            at += n
+
+    def weights(self, group: Group, u, scale: float) -> Weights:
+        chosen, extended = self._choice[id(group)]
+        samples = self._samples(group)
+        n = torch.tensor([max(len(s.ids), 1) for s in samples], dtype=torch.float32)
+        # The weighted SFT: mean over the chosen responses of their token-mean NLL, times questions-per-step x scale
+        # (= 1 in one process), so its size does not depend on the batch size.
+        w = torch.where(chosen, -1.0 / (n * self._total), 0.0) * scale * self.cfg.questions_per_step
+        return Weights(completion=w, answer=torch.zeros_like(w), data={"chosen": chosen, "extended": extended})
+
+    def finish(self, group, w, completion_sums, answer_sums) -> StepStats:
+        st = self._base_stats(group)
+        chosen, extended = w.data["chosen"], w.data["extended"]
+        samples = self._samples(group)
+        st.candidates, st.reinforced = len(samples), float(chosen.sum())
+        st.reinforced_extended = float((chosen & extended).sum())
+        st.reward = float(_correct(samples).float().mean())
+        if completion_sums is not None and bool(chosen.any()):
+            n = torch.tensor([max(len(s.ids), 1) for s in samples], dtype=torch.float64)
+            st.loss = float((-completion_sums / n)[chosen].sum()) / self._total * self.cfg.questions_per_step
+        return st
+
+
+def _ablation(**overrides):
+    """A VPG-EA ablation as a mode: VPG-EA with config fields overridden."""
+
+    class Ablation(VPGEA):
+        def __init__(self, cfg, tokenizer=None) -> None:
+            super().__init__(dataclasses.replace(cfg, **overrides), tokenizer)
+
+    return Ablation
+
+
+METHODS = {
+    "vpgea": VPGEA,
+    "grpo-lp": GRPOLengthPenalty,
+    "thinkprune": ThinkPrune,
+    "l1-exact": lambda cfg, tok=None: L1(cfg, tok, exact=True),
+    "l1-max": lambda cfg, tok=None: L1(cfg, tok, exact=False),
+    "rft-shortest": RFTShortest,
+    "ibpo": IBPO,
+    # the paper's ablations of VPG-EA
+    "no-cross-view": _ablation(cross_view=False),
+    "beta-0": _ablation(beta=0.0),
+    "alpha-0": _ablation(alpha=0.0),
+}
+
+
+def make_method(cfg, tokenizer=None) -> Method:
+    """The method of ``cfg.mode`` (``tokenizer``: for methods that build their own prompts, such as L1)."""
     if cfg.mode not in METHODS:
         raise ValueError(f"unknown mode {cfg.mode!r}; one of {sorted(METHODS)}")
-    return METHODS[cfg.mode](cfg)
+    return METHODS[cfg.mode](cfg, tokenizer)

@@ -56,20 +56,21 @@ def rollouts(ctx: StepContext, batch: list, positions: list[int]) -> tuple[list[
     Returns the groups and the number of generated tokens."""
     from vpgea.grading import extract_answer, is_correct
 
-    cfg, tok = ctx.cfg, ctx.tokenizer
+    cfg, tok, method = ctx.cfg, ctx.tokenizer, ctx.method
+    method.begin_step(ctx.step)
     groups = [Group(index=j, item=it) for it, j in zip(batch, positions)]
     prompts, seeds, owners, golds = [], [], [], []
-    for d in ctx.method.draws():
+    for d in method.draws():
         for g in groups:
             g.samples[d.tag] = []
-            prompt = g.item.student if d.view == "student" else g.item.teacher
+            prompt = g.prompts[d.tag] = method.prompt(g, d)
             for k in range(d.count):
                 prompts.append(prompt)
                 seeds.append(derive_seed(cfg.seed, ctx.step, g.index, d.tag, k))
                 owners.append(g.samples[d.tag])
                 golds.append(g.item.example.answer)
     ctx.engine.wake()
-    outs = ctx.engine.generate(prompts, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
+    outs = ctx.engine.generate(prompts, max_new_tokens=method.max_new_tokens(), temperature=cfg.temperature,
                                top_p=cfg.top_p, seed=seeds)
     ctx.engine.sleep()
     decode = lambda ids: tok.decode(ids, skip_special_tokens=False)  # noqa: E731
@@ -142,6 +143,7 @@ def update(ctx: StepContext, groups: list[Group], scale: float) -> StepStats:
     Each micro-batch's backward runs right after its forward, so memory holds one micro-batch's activations."""
     cfg, method = ctx.cfg, ctx.method
     n = len(groups)
+    method.prepare(groups)
     seqs = [method.train_sequences(g) for g in groups]
     need_u = [method.u_sequences(g) for g in groups]
     weights: list[Weights | None] = [None if need_u[q] else method.weights(groups[q], None, scale) for q in range(n)]

@@ -36,6 +36,7 @@ from vpgea.distributed import (
     shutdown,
 )
 from vpgea.methods import make_method
+from vpgea.prompts import answer_tail, student_prompt, teacher_prompt
 from vpgea.step import StepContext, rollouts, score, update
 
 __all__ = ["main", "train"]
@@ -50,22 +51,7 @@ def log(msg: str) -> None:
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# prompts and questions
-
-
-def encode_user(tokenizer, content: str) -> list[int]:
-    """Chat-template a single user message (generation prompt added) and tokenize it without extra specials."""
-    if getattr(tokenizer, "chat_template", None):
-        text = tokenizer.apply_chat_template(
-            [{"role": "user", "content": content}], tokenize=False, add_generation_prompt=True
-        )
-        return list(tokenizer(text, add_special_tokens=False)["input_ids"])
-    return list(tokenizer(content)["input_ids"])
-
-
-def student_prompt(cfg: TrainConfig, tokenizer, question: str) -> list[int]:
-    content = cfg.student_template.format(question=question, instruction=cfg.instruction)
-    return encode_user(tokenizer, content)
+# questions
 
 
 @dataclasses.dataclass
@@ -80,18 +66,14 @@ class Item:
 
 def prepare(cfg: TrainConfig, tokenizer, examples) -> tuple[list[Item], int]:
     """Tokenize both views and the tail. Returns (items, skipped): prompts over ``max_prompt_tokens`` are skipped."""
-    eos = tokenizer.eos_token_id
     items, skipped = [], 0
     for ex in examples:
         s = student_prompt(cfg, tokenizer, ex.question)
-        t = encode_user(
-            tokenizer, cfg.teacher_template.format(question=ex.question, instruction=cfg.instruction, answer=ex.answer)
-        )
+        t = teacher_prompt(cfg, tokenizer, ex.question, ex.answer)
         if max(len(s), len(t)) > cfg.max_prompt_tokens:
             skipped += 1
             continue
-        tail = list(tokenizer(cfg.answer_tail.format(answer=ex.answer), add_special_tokens=False)["input_ids"])
-        items.append(Item(ex, s, t, tail + ([eos] if eos is not None else [])))
+        items.append(Item(ex, s, t, answer_tail(cfg, tokenizer, ex.answer)))
     return items, skipped
 
 
@@ -191,7 +173,7 @@ def train(cfg: TrainConfig, policy, tokenizer, items: list[Item], out_dir: Path,
     elif info.is_main and metrics_path.exists():
         metrics_path.unlink()
     barrier(info)
-    ctx = StepContext(cfg, policy, tokenizer, engine, info, make_method(cfg), amp)
+    ctx = StepContext(cfg, policy, tokenizer, engine, info, make_method(cfg, tokenizer), amp)
     scale = loss_scale(n_local, n_q, info)  # a rank's sum of question losses -> its share of the global mean
 
     def state(step: int) -> dict:
