@@ -37,12 +37,29 @@ from ._utils import INTERPRET, addmm_fp32_, device_guard, mm_fp32, next_pow2
 
 
 @triton.jit
+def _tanh(x):
+    """fp32 tanh within a few ulps (no libdevice: the interpreter has none). The exp form ``(1 - e) / (1 + e)``,
+    ``e = exp(-2|x|)``, loses relative accuracy as ``|x| -> 0`` (``1 - e`` cancels), so below ``|x| = 0.25`` the odd
+    Taylor polynomial to ``x^9`` is used instead (its truncation there is < 1e-8 relative)."""
+    a = tl.abs(x)
+    e = tl.exp(-2.0 * a)
+    big = (1.0 - e) / (1.0 + e)
+    x2 = a * a
+    small = a * (1.0 + x2 * (-1.0 / 3.0 + x2 * (2.0 / 15.0 + x2 * (-17.0 / 315.0 + x2 * (62.0 / 2835.0)))))
+    t = tl.where(a < 0.25, small, big)
+    return tl.where(x < 0, -t, t)
+
+
+@triton.jit
 def _logits_tile(
-    H, W, B, rows, row_mask, cols, col_mask, D, stride_h, stride_w, inv_t,
-    HAS_BIAS: tl.constexpr, DOT_FP32: tl.constexpr, IEEE: tl.constexpr,
+    H, W, B, rows, row_mask, cols, col_mask, D, stride_h, stride_w, inv_t, cap_pre, cap,
+    HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, DOT_FP32: tl.constexpr, IEEE: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    """``[BLOCK_N, BLOCK_V]`` tile of scaled logits in fp32; columns outside ``col_mask`` are ``-inf``."""
+    """``[BLOCK_N, BLOCK_V]`` tile of transformed logits in fp32; columns outside ``col_mask`` are ``-inf``.
+
+    Without softcapping ``z = (h W^T + b) * inv_t`` (a logit scale is folded into ``inv_t`` by the launcher); with it
+    ``z = cap * tanh((h W^T + b) * cap_pre) * inv_t``, ``cap_pre = logit_scale / cap``."""
     acc = tl.zeros((BLOCK_N, BLOCK_V), dtype=tl.float32)
     h_ptrs = H + rows.to(tl.int64)[:, None] * stride_h
     w_ptrs = W + cols.to(tl.int64)[:, None] * stride_w
@@ -62,6 +79,8 @@ def _logits_tile(
     if HAS_BIAS:
         bias = tl.load(B + cols, mask=col_mask, other=0.0).to(tl.float32)
         acc = acc + bias[None, :]
+    if HAS_SOFTCAP:
+        acc = cap * _tanh(acc * cap_pre)
     z = acc * inv_t[:, None]
     return tl.where(col_mask[None, :], z, float("-inf"))
 
@@ -73,6 +92,7 @@ def _token_logprobs_fwd_kernel(
     N, V, D, stride_h, stride_w, inv_t_scalar, v_per_split, NUM_SPLITS,
     HAS_BIAS: tl.constexpr, HAS_TEMP: tl.constexpr, WITH_ENTROPY: tl.constexpr, DOT_FP32: tl.constexpr, IEEE: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
+    cap_pre=1.0, cap=1.0, HAS_SOFTCAP: tl.constexpr = False,
 ):
     # 1-D grid, split index fastest: the programs resident at one time cover few row blocks (their hidden blocks
     # stay in L2 across the whole vocab walk) and several vocab splits (each W tile is read by all of them).
@@ -96,8 +116,8 @@ def _token_logprobs_fwd_kernel(
     for v0 in range(v_start, v_end, BLOCK_V):
         cols = v0 + tl.arange(0, BLOCK_V)
         col_mask = cols < v_end
-        z = _logits_tile(H, W, B, rows, row_mask, cols, col_mask, D, stride_h, stride_w, inv_t,
-                         HAS_BIAS, DOT_FP32, IEEE, BLOCK_N, BLOCK_V, BLOCK_D)
+        z = _logits_tile(H, W, B, rows, row_mask, cols, col_mask, D, stride_h, stride_w, inv_t, cap_pre, cap,
+                         HAS_BIAS, HAS_SOFTCAP, DOT_FP32, IEEE, BLOCK_N, BLOCK_V, BLOCK_D)
         # Every tile has at least one valid column (v0 < v_end), so m_new is finite and exp(m - m_new) is 0, not NaN,
         # on the first tile.
         m_new = tl.maximum(m, tl.max(z, axis=1))
@@ -124,6 +144,7 @@ def _token_logprobs_dlogits_kernel(
     N, D, stride_h, stride_w, stride_dz, inv_t_scalar, v_lo, v_hi,
     HAS_BIAS: tl.constexpr, HAS_TEMP: tl.constexpr, WITH_ENTROPY: tl.constexpr, DOT_FP32: tl.constexpr, IEEE: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
+    cap_pre=1.0, cap=1.0, logit_scale=1.0, HAS_SOFTCAP: tl.constexpr = False,
 ):
     # Vocab tiles fastest: the chunk's W slice (chunk x D) stays in L2 and each hidden block is read once per chunk.
     pid_v = tl.program_id(0)
@@ -141,8 +162,8 @@ def _token_logprobs_dlogits_kernel(
     lse = tl.load(LSE + rows, mask=row_mask, other=0.0)
     g = tl.load(G + rows, mask=row_mask, other=0.0)
 
-    z = _logits_tile(H, W, B, rows, row_mask, cols, col_mask, D, stride_h, stride_w, inv_t,
-                     HAS_BIAS, DOT_FP32, IEEE, BLOCK_N, BLOCK_V, BLOCK_D)
+    z = _logits_tile(H, W, B, rows, row_mask, cols, col_mask, D, stride_h, stride_w, inv_t, cap_pre, cap,
+                     HAS_BIAS, HAS_SOFTCAP, DOT_FP32, IEEE, BLOCK_N, BLOCK_V, BLOCK_D)
     p = tl.exp(z - lse[:, None])  # masked columns: exp(-inf) = 0
     dz = tl.where(cols[None, :] == y[:, None], g[:, None], 0.0) - g[:, None] * p
     if WITH_ENTROPY:
@@ -150,6 +171,11 @@ def _token_logprobs_dlogits_kernel(
         ge = tl.load(GE + rows, mask=row_mask, other=0.0)
         dz -= ge[:, None] * p * tl.where(col_mask[None, :], z - mu[:, None], 0.0)
     dz = dz * inv_t[:, None]
+    if HAS_SOFTCAP:
+        # d z / d raw = inv_t * logit_scale * (1 - t^2), t = tanh(raw * cap_pre) = z / (cap * inv_t): t from the
+        # output, as PyTorch's tanh backward does. Masked columns (z = -inf) are never stored; 0 keeps them finite.
+        t = z / (cap * inv_t[:, None])
+        dz = dz * tl.where(col_mask[None, :], (1.0 - t * t) * logit_scale, 0.0)
     ptrs = DZ + rows.to(tl.int64)[:, None] * stride_dz + local[None, :]
     tl.store(ptrs, dz.to(DZ.dtype.element_ty), mask=row_mask[:, None] & col_mask[None, :])
 
@@ -186,6 +212,20 @@ def _default_splits(device: torch.device, n_blocks: int, v_tiles: int, hidden_bl
     return max(1, min(v_tiles, max(fill, l2)))
 
 
+def _transform_args(inv_temp, inv_temp_scalar, logit_scale, softcap):
+    """``(inv_temp, inv_temp_scalar, kernel kwargs)`` for a logit scale and softcap. Without a softcap the scale is a
+    plain factor and is folded into the inverse temperature, so the kernels run their unchanged fast path; with one
+    it must act before the tanh, so the kernels get ``HAS_SOFTCAP`` and ``cap_pre = logit_scale / softcap``."""
+    if softcap is None:
+        if logit_scale != 1.0:
+            if inv_temp is not None:
+                inv_temp = inv_temp * float(logit_scale)
+            inv_temp_scalar = inv_temp_scalar * float(logit_scale)
+        return inv_temp, inv_temp_scalar, {}
+    return inv_temp, inv_temp_scalar, dict(cap_pre=float(logit_scale) / float(softcap), cap=float(softcap),
+                                           HAS_SOFTCAP=True)
+
+
 def token_logprobs_forward(
     hidden: torch.Tensor,  # [N, D]
     weight: torch.Tensor,  # [V, D]
@@ -196,10 +236,15 @@ def token_logprobs_forward(
     with_entropy: bool,
     num_splits: int | None = None,
     config: dict | None = None,
+    *,
+    logit_scale: float = 1.0,
+    softcap: float | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Returns ``(target_logit, lse, mu, entropy)``, each fp32 ``[N]`` (``mu``/``entropy`` empty without entropy).
 
-    ``target_logit`` is the scaled logit of the target column (0 when the target is outside ``[0, V)``).
+    ``target_logit`` is the transformed logit of the target column (0 when the target is outside ``[0, V)``). The
+    logits are ``softcap * tanh(raw * logit_scale / softcap) * inv_temp`` with a softcap, else
+    ``raw * logit_scale * inv_temp`` (``raw = h W^T + b``).
     """
     n, d = hidden.shape
     v = weight.shape[0]
@@ -216,6 +261,7 @@ def token_logprobs_forward(
     v_per_split = triton.cdiv(v_tiles, num_splits) * bv
     num_splits = triton.cdiv(v, v_per_split)
 
+    inv_temp, inv_temp_scalar, cap_args = _transform_args(inv_temp, inv_temp_scalar, logit_scale, softcap)
     f32 = dict(device=hidden.device, dtype=torch.float32)
     m = torch.empty((num_splits, n), **f32)
     l = torch.empty((num_splits, n), **f32)
@@ -228,7 +274,7 @@ def token_logprobs_forward(
             m, l, t, e,
             n, v, d, hidden.stride(0), weight.stride(0), float(inv_temp_scalar), v_per_split, num_splits,
             HAS_BIAS=bias is not None, HAS_TEMP=inv_temp is not None, WITH_ENTROPY=with_entropy, DOT_FP32=INTERPRET,
-            IEEE=hidden.dtype == torch.float32, **cfg,
+            IEEE=hidden.dtype == torch.float32, **cap_args, **cfg,
         )
     # Merge the per-split partials: O(N * splits).
     m_all = m.max(dim=0).values
@@ -268,6 +314,9 @@ def token_logprobs_backward(
     need_bias: bool,
     workspace_bytes: int | None = None,
     config: dict | None = None,
+    *,
+    logit_scale: float = 1.0,
+    softcap: float | None = None,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
     """Returns ``(d_hidden [N, D] fp32, d_weight [V, D], d_bias [V])``, ``None`` where not requested.
 
@@ -284,6 +333,9 @@ def token_logprobs_backward(
     cfg = dict(config) if config else _config(n, v, d, hidden.dtype)
     bn, bv = cfg["BLOCK_N"], cfg["BLOCK_V"]
     with_entropy = grad_entropy is not None
+    inv_temp, inv_temp_scalar, cap_args = _transform_args(inv_temp, inv_temp_scalar, logit_scale, softcap)
+    if softcap is not None:
+        cap_args["logit_scale"] = float(logit_scale)
     gemm_dtype = hidden.dtype
     width = _chunk_width(n, v, hidden.element_size(), bv, workspace_bytes)
     dz = torch.empty((n, width), device=hidden.device, dtype=gemm_dtype)
@@ -302,7 +354,7 @@ def token_logprobs_backward(
                 dz,
                 n, d, hidden.stride(0), weight.stride(0), dz.stride(0), float(inv_temp_scalar), v_lo, v_hi,
                 HAS_BIAS=bias is not None, HAS_TEMP=inv_temp is not None, WITH_ENTROPY=with_entropy,
-                DOT_FP32=INTERPRET, IEEE=hidden.dtype == torch.float32, **cfg,
+                DOT_FP32=INTERPRET, IEEE=hidden.dtype == torch.float32, **cap_args, **cfg,
             )
         chunk = dz[:, :cw]
         if need_weight:
