@@ -692,7 +692,10 @@ def token_logprob_stats(
             sl = slice(i, i + step)
             z, _, valid, yc = _ref_chunk(h[sl], w, bias, y[sl], inv_t[sl], params)
             if "log_sum_sq_probs" in stats:
-                lss = torch.logsumexp(2.0 * z, dim=-1) - 2.0 * torch.logsumexp(z, dim=-1)
+                # relative to the row max: the two log-sum-exps are then O(log V), not O(max logit), so their
+                # difference does not cancel away the last digits
+                zc = z - z.amax(dim=-1, keepdim=True)
+                lss = torch.logsumexp(2.0 * zc, dim=-1) - 2.0 * torch.logsumexp(zc, dim=-1)
                 out["log_sum_sq_probs"][sl] = torch.where(valid, lss, 0.0)
             if "mean_logits" in stats:
                 out["mean_logits"][sl] = torch.where(valid, z.mean(dim=-1), 0.0)
