@@ -351,3 +351,17 @@ def test_liger_loss_swap_for_trl_1_8_to_1_13(tmp_path, monkeypatch):
         finally:
             vt.unpatch_trl(replaced)
         assert getattr(fake, cls_name, None) is None and not fake.is_liger_kernel_available()
+
+
+@pytest.mark.filterwarnings("ignore")
+def test_example_runs():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "examples" / "trl_grpo_swap.py"
+    spec = importlib.util.spec_from_file_location("trl_grpo_swap", path)
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    out = example.main(steps=1)
+    assert out["vpgea_calls"] >= 2 and out["head_moved"] > 0 and len(out["losses"]) == 1
+    assert utils._ChunkedLogProbFunction is ORIGINAL  # the example undoes its patch
