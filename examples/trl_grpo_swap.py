@@ -1,93 +1,105 @@
-"""Swap vpgea's ``FusedLinearGRPOLoss`` into TRL's GRPO loss path, in place of Liger's.
+"""TRL's GRPO trainer with vpgea computing the per-token log-probs (or, on older TRL, the whole fused GRPO loss).
 
-TRL's ``GRPOTrainer`` (with ``use_liger_kernel=True``; ``use_liger_loss=True`` in older releases) builds
-``self.liger_grpo_loss = LigerFusedLinearGRPOLoss(beta=..., epsilon_low=..., epsilon_high=..., temperature=...,
-use_ref_model=..., loss_type=..., max_completion_length=...)`` and calls it from ``compute_liger_loss`` as
-``loss, metrics = self.liger_grpo_loss(_input=last_hidden_state, lin_weight=lm_head.weight,
-selected_token_ids=completion_ids, attention_mask=completion_mask, advantages=..., bias=lm_head.bias,
-ref_per_token_logps=..., old_per_token_logps=...)``, reading ``metrics[0]`` as the KL (when beta != 0) and
-``metrics[-1]`` as the clip ratio. ``vpgea.nn.FusedLinearGRPOLoss`` takes the same arguments and returns the same
-values, so either of these works:
+    from vpgea.integrations.trl import patch_trl
+    replaced = patch_trl()          # before the trainer is built; returns what it replaced
+    trainer = GRPOTrainer(...)      # TRL >= 1.16: as usual. TRL 1.8-1.15: with GRPOConfig(use_liger_kernel=True)
+    trainer.train()
 
-    # a) before the trainer is built: TRL instantiates ours (liger-kernel need not be installed)
-    patch_trl()  # from this file
-    trainer = GRPOTrainer(..., args=GRPOConfig(..., use_liger_kernel=True))
+What ``patch_trl`` replaces depends on the installed TRL (``vpgea.integrations.trl`` has the details):
 
-    # b) after: replace the module, keeping its settings
-    trainer.liger_grpo_loss = swap_module(trainer.liger_grpo_loss)
+- TRL >= 1.16: the fused LM head every trainer adds (``add_fused_lm_head``) calls ``_ChunkedLogProbFunction``; vpgea
+  takes that call (log-probs, entropy, and the extra metrics SFT / DPO / KTO ask for), with the model's temperature,
+  logit scale and final-logit softcapping. No flag needed.
+- TRL 1.14-1.15: the same call, made by GRPO when ``use_liger_kernel=True`` (otherwise GRPO materialises the logits).
+- TRL 1.8-1.13 (``use_liger_kernel=True``): GRPO builds ``vpgea.nn.FusedLinearGRPOLoss`` instead of Liger's loss
+  (liger-kernel need not be installed for the loss; transformers may still want it for its layer kernels, which
+  ``liger_kernel_config`` can switch off). ``swap_module`` below also swaps an already-built trainer's loss:
+  ``trainer.liger_loss = swap_module(trainer.liger_loss)``.
 
-Run ``python examples/trl_grpo_swap.py`` for a self-contained check (no TRL needed): a tiny Llama built in code, the
-call exactly as TRL makes it, and the same loss from materialised logits.
+``python examples/trl_grpo_swap.py`` trains a tiny Llama (built in code, CPU, a few seconds) for two GRPO steps with a
+KL term against a reference model, and prints how often TRL called vpgea and how far the head moved.
 """
 
 from __future__ import annotations
+
+import tempfile
 
 import torch
 
 from vpgea.nn import FusedLinearGRPOLoss
 
-# Liger's constructor arguments that FusedLinearGRPOLoss shares (copied from an existing module by swap_module).
+# Liger's constructor arguments (v0.8.5), all of which FusedLinearGRPOLoss takes; copied from a module by swap_module.
 _SHARED_ATTRS = ("beta", "compiled", "use_ref_model", "chunk_size", "epsilon_low", "epsilon_high", "loss_type",
-                 "max_completion_length", "importance_sampling_level", "temperature", "delta",
-                 "use_bias_correction_kl")
+                 "max_completion_length", "importance_sampling_level", "sapo_temperature_pos", "sapo_temperature_neg",
+                 "temperature", "delta", "use_bias_correction_kl", "vespo_k_pos", "vespo_lambda_pos", "vespo_k_neg",
+                 "vespo_lambda_neg")
 
 
 def swap_module(liger_module: torch.nn.Module, **overrides) -> FusedLinearGRPOLoss:
-    """A ``FusedLinearGRPOLoss`` with the settings of an existing ``LigerFusedLinearGRPOLoss``."""
+    """A ``FusedLinearGRPOLoss`` with the settings of an existing ``LigerFusedLinearGRPOLoss`` (or TRL 1.13's copy)."""
     kwargs = {k: getattr(liger_module, k) for k in _SHARED_ATTRS if hasattr(liger_module, k)}
     kwargs.update(overrides)
     return FusedLinearGRPOLoss(**kwargs)
 
 
-def patch_trl() -> None:
-    """Make TRL's GRPO trainer build ``FusedLinearGRPOLoss`` wherever it would build Liger's loss."""
-    import trl.trainer.grpo_trainer as grpo_trainer
-
-    grpo_trainer.LigerFusedLinearGRPOLoss = FusedLinearGRPOLoss
-    # TRL checks that liger-kernel is importable before building the loss; ours does not need it.
-    if hasattr(grpo_trainer, "is_liger_kernel_available"):
-        grpo_trainer.is_liger_kernel_available = lambda *a, **k: True
-
-
-def demo(device: str = "cpu", seed: int = 0) -> dict:
-    """TRL's ``compute_liger_loss`` call on a tiny model; returns both losses and the KL / clip-ratio metrics."""
+def main(steps: int = 2, seed: int = 0) -> dict:
+    """Two GRPO steps of TRL's trainer on a tiny model with vpgea patched in; returns what happened."""
+    import trl
+    from datasets import Dataset
+    from packaging.version import Version
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from vpgea.grpo import grpo_fused_linear_reference
+    import vpgea.logprobs
+    from vpgea import toy
+    from vpgea.integrations.trl import patch_trl, unpatch_trl
 
+    tok = toy.build_tokenizer()  # a word-level tokenizer built in code: nothing is downloaded
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                      num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=64,
+                      tie_word_embeddings=False, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
+                      bos_token_id=None)
     torch.manual_seed(seed)
-    cfg = LlamaConfig(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
-    model = LlamaForCausalLM(cfg).to(device)
-    batch, prompt_len, completion_len = 4, 5, 9
-    prompt_ids = torch.randint(0, 128, (batch, prompt_len), device=device)
-    completion_ids = torch.randint(0, 128, (batch, completion_len), device=device)
-    completion_mask = torch.ones(batch, completion_len, dtype=torch.long, device=device)
-    completion_mask[1, 6:] = 0  # early EOS
-    advantages = torch.tensor([1.0, -0.5, 0.25, -0.75], device=device)
-    input_ids = torch.cat([prompt_ids, completion_ids], dim=1)
-    # as TRL's _get_last_hidden_state: the hidden state at t predicts token t + 1
-    hidden = model.model(input_ids=input_ids).last_hidden_state[:, :-1][:, -completion_len:]
-    with torch.no_grad():
-        logits = model.lm_head(hidden).float()
-        cur = torch.log_softmax(logits, -1).gather(-1, completion_ids[..., None])[..., 0]
-    old = cur + 0.1 * torch.randn_like(cur)
-    ref = cur + 0.1 * torch.randn_like(cur)
+    prompts = Dataset.from_list([{"prompt": f"7 +{i} -3"} for i in range(1, 9)])
 
-    loss_fn = FusedLinearGRPOLoss(beta=0.04, epsilon_low=0.2, epsilon_high=0.28, temperature=1.0, use_ref_model=True,
-                                  loss_type="dapo", max_completion_length=completion_len)
-    call = dict(_input=hidden, lin_weight=model.lm_head.weight, selected_token_ids=completion_ids,
-                attention_mask=completion_mask, advantages=advantages, bias=model.lm_head.bias,
-                ref_per_token_logps=ref, old_per_token_logps=old)
-    loss, metrics = loss_fn(**call)
-    loss.backward()
-    ref_loss, ref_metrics = grpo_fused_linear_reference(**call, beta=0.04, epsilon_low=0.2, epsilon_high=0.28,
-                                                        loss_type="dapo", max_completion_length=completion_len)
-    return {"loss": loss.item(), "reference_loss": ref_loss.item(), "kl": metrics[0].item(),
-            "clip_ratio": metrics[-1].item(), "head_grad_norm": model.lm_head.weight.grad.norm().item()}
+    def reward(completions, **kwargs):  # toy reward: prefer answers that box something
+        return [float("\\boxed{" in c) + 0.1 * len(c.split()) for c in completions]
+
+    calls = []
+    real = vpgea.logprobs.token_logprobs
+
+    def counted(*args, **kwargs):  # count TRL's calls into vpgea's public op
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    vpgea.logprobs.token_logprobs = counted
+    replaced = patch_trl()
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            LlamaForCausalLM(cfg).save_pretrained(f"{tmp}/model")  # a path, so TRL can load the reference model too
+            tok.save_pretrained(f"{tmp}/model")
+            # Before TRL 1.16 the fused path is GRPO's use_liger_kernel one; Liger's layer kernels (which transformers
+            # would patch into the model) are switched off: this tiny run may be on a CPU.
+            old_trl = Version(trl.__version__) < Version("1.16")
+            layers_off = dict(rope=False, rms_norm=False, swiglu=False, cross_entropy=False,
+                              fused_linear_cross_entropy=False)
+            args = trl.GRPOConfig(output_dir=tmp, per_device_train_batch_size=4, num_generations=2,
+                                  max_completion_length=8, max_steps=steps, learning_rate=1e-2, beta=0.04,
+                                  report_to=[], use_cpu=not torch.cuda.is_available(), logging_steps=1,
+                                  save_strategy="no", bf16=False, disable_tqdm=True, seed=seed,
+                                  use_liger_kernel=old_trl, liger_kernel_config=layers_off if old_trl else None)
+            trainer = trl.GRPOTrainer(model=f"{tmp}/model", reward_funcs=reward, args=args, train_dataset=prompts,
+                                      processing_class=tok)
+            head0 = trainer.model.lm_head.weight.detach().clone()
+            trainer.train()
+            moved = (trainer.model.lm_head.weight.detach() - head0).abs().max().item()
+            logs = [r for r in trainer.state.log_history if "loss" in r]
+    finally:
+        unpatch_trl(replaced)
+        vpgea.logprobs.token_logprobs = real
+    return {"trl": trl.__version__, "replaced": sorted(replaced), "vpgea_calls": len(calls), "head_moved": moved,
+            "losses": [r["loss"] for r in logs], "kl": [r.get("kl") for r in logs]}
 
 
 if __name__ == "__main__":
-    out = demo("cuda" if torch.cuda.is_available() else "cpu")
-    for k, v in out.items():
-        print(f"{k:>16}: {v:.6g}")
+    for key, value in main().items():
+        print(f"{key:>12}: {value}")

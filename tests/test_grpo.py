@@ -18,6 +18,14 @@ HAS_CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if HAS_CUDA else "cpu"
 IMPLS = ["torch", "triton"]
 LOSS_TYPES = ["grpo", "bnpo", "dr_grpo", "dapo"]
+NEW_TYPES = ["cispo", "sapo", "luspo", "vespo"]
+# every (loss_type, importance_sampling_level) Liger accepts: cispo / sapo / vespo are token-level only
+ALL_CASES = [(t, lv) for t in LOSS_TYPES + NEW_TYPES for lv in ("token", "sequence")
+             if lv == "token" or t not in ("cispo", "sapo", "vespo")]
+# Liger-style option sets per type: cispo's epsilon_high is the ratio cap itself; non-default sapo / vespo parameters
+# so that a swapped or ignored parameter shows.
+TYPE_OPTS = {"cispo": dict(epsilon_high=1.1), "sapo": dict(sapo_temperature_pos=0.9, sapo_temperature_neg=1.3),
+             "vespo": dict(vespo_k_pos=1.5, vespo_lambda_pos=2.5, vespo_k_neg=2.5, vespo_lambda_neg=1.5)}
 B, T, H, V = 4, 13, 32, 151  # odd sizes; row 2 is fully masked, row 0 has a hole
 
 
@@ -69,12 +77,12 @@ def compare(got, want, rtol=1e-4, atol=1e-5):
 
 
 @pytest.mark.parametrize("impl", IMPLS)
-@pytest.mark.parametrize("loss_type", LOSS_TYPES)
-@pytest.mark.parametrize("level", ["token", "sequence"])
+@pytest.mark.parametrize("loss_type,level", ALL_CASES)
 def test_module_matches_reference(impl, loss_type, level):
     d = make_batch(seed=1)
     opts = dict(beta=0.04, epsilon_low=0.2, epsilon_high=0.28, loss_type=loss_type, max_completion_length=T,
                 importance_sampling_level=level)
+    opts.update(TYPE_OPTS.get(loss_type, {}))
     module = FusedLinearGRPOLoss(temperature=0.9, use_ref_model=True, impl=impl, **opts)
     fw = dict(ref_per_token_logps=d["ref"], old_per_token_logps=d["old"])
     got = run(module, d, **fw)
@@ -166,13 +174,27 @@ def test_gradients_against_finite_differences():
     old = lp.detach() + 0.05 * torch.randn(3, 4, generator=g, dtype=torch.float64)
     ref = lp.detach() + 0.1 * torch.randn(3, 4, generator=g, dtype=torch.float64)
     adv = torch.tensor([1.0, -0.5, 2.0], dtype=torch.float64)
-    for loss_type in LOSS_TYPES:
-        for level in ("token", "sequence"):
-            def f(x):
-                return grpo_loss_reference(x, mask, adv, ref_per_token_logps=ref, old_per_token_logps=old, beta=0.3,
-                                           loss_type=loss_type, max_completion_length=4,
-                                           importance_sampling_level=level)[0].double()
-            assert torch.autograd.gradcheck(f, (lp,), eps=1e-6, atol=1e-6)
+    # cispo and vespo are left out on purpose: their coefficients are stop-gradient, so the finite differences of
+    # the loss value are not their gradient.
+    for loss_type, level in [c for c in ALL_CASES if c[0] not in ("cispo", "vespo")]:
+        def f(x):
+            return grpo_loss_reference(x, mask, adv, ref_per_token_logps=ref, old_per_token_logps=old, beta=0.3,
+                                       loss_type=loss_type, max_completion_length=4,
+                                       importance_sampling_level=level)[0].double()
+        assert torch.autograd.gradcheck(f, (lp,), eps=1e-6, atol=1e-6)
+    # cispo / vespo: the gradient is the coefficient times the log-prob's, coefficient held fixed (by hand)
+    for loss_type in ("cispo", "vespo"):
+        (gr,) = torch.autograd.grad(grpo_loss_reference(lp, mask, adv, old_per_token_logps=old, beta=0.0,
+                                                        loss_type=loss_type, epsilon_high=1.02)[0], lp)
+        w = torch.exp(lp.detach() - old)
+        if loss_type == "cispo":
+            coef = torch.clamp(w, max=1.02)
+        else:  # phi(w_seq) with the default (k, lambda) = (2, 3) for A >= 0 and (3, 2) for A < 0
+            w_seq = torch.exp(((lp.detach() - old) * mask).sum(-1, keepdim=True))
+            k = torch.where(adv[:, None] >= 0, 2.0, 3.0).double()
+            lam = torch.where(adv[:, None] >= 0, 3.0, 2.0).double()
+            coef = torch.exp(lam) * w_seq**k * torch.exp(-lam * w_seq)
+        torch.testing.assert_close(gr, -coef * adv[:, None] * mask / mask.sum())
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -214,8 +236,10 @@ def test_k3_and_clip_metric_by_hand():
 def test_errors():
     with pytest.raises(ValueError, match="loss_type must be one of"):
         FusedLinearGRPOLoss(loss_type="ppo")
-    with pytest.raises(NotImplementedError, match="cispo"):
-        FusedLinearGRPOLoss(loss_type="cispo")
+    with pytest.raises(ValueError, match="'sequence' is not supported for loss_type='sapo'"):
+        FusedLinearGRPOLoss(loss_type="sapo", importance_sampling_level="sequence")
+    with pytest.raises(ValueError, match="sapo_temperature_neg must be positive"):
+        FusedLinearGRPOLoss(loss_type="sapo", sapo_temperature_neg=0.0)
     with pytest.raises(ValueError, match="max_completion_length must be provided"):
         FusedLinearGRPOLoss(loss_type="dr_grpo")
     with pytest.raises(ValueError, match="importance_sampling_level"):
@@ -223,8 +247,11 @@ def test_errors():
     d = make_batch(seed=9)
     with pytest.raises(ValueError, match="use_ref_model=True needs"):
         FusedLinearGRPOLoss(use_ref_model=True)(d["x"], d["w"], d["ids"], d["mask"], d["adv"])
-    with pytest.raises(ValueError, match="advantages must be"):
+    with pytest.raises(ValueError, match=r"advantages must be \[B\] = \(4,\) or \[B, T\] = \(4, 13\)"):
         FusedLinearGRPOLoss(use_ref_model=False)(d["x"], d["w"], d["ids"], d["mask"], d["adv"][:2])
+    with pytest.raises(ValueError, match="vespo.*pass advantages \\[B\\], not \\[B, T\\]"):
+        FusedLinearGRPOLoss(use_ref_model=False, loss_type="vespo")(d["x"], d["w"], d["ids"], d["mask"],
+                                                                    torch.ones(B, T, device=DEVICE))
     with pytest.raises(ValueError, match="end at N"):
         grpo_loss(torch.zeros(3), torch.ones(1), torch.tensor([0, 2], dtype=torch.int32))
 
@@ -232,49 +259,155 @@ def test_errors():
 def test_liger_signature_parity():
     # Constructor and forward parameter names and order follow Liger v0.8's LigerFusedLinearGRPOLoss.
     init = list(inspect.signature(FusedLinearGRPOLoss.__init__).parameters)[1:]
-    assert init[:14] == ["beta", "compiled", "use_ref_model", "chunk_size", "epsilon_low", "epsilon_high", "loss_type",
+    assert init[:18] == ["beta", "compiled", "use_ref_model", "chunk_size", "epsilon_low", "epsilon_high", "loss_type",
                          "max_completion_length", "importance_sampling_level", "sapo_temperature_pos",
-                         "sapo_temperature_neg", "temperature", "delta", "use_bias_correction_kl"]
+                         "sapo_temperature_neg", "temperature", "delta", "use_bias_correction_kl", "vespo_k_pos",
+                         "vespo_lambda_pos", "vespo_k_neg", "vespo_lambda_neg"]
     fwd = list(inspect.signature(FusedLinearGRPOLoss.forward).parameters)[1:]
-    assert fwd[:11] == ["_input", "lin_weight", "selected_token_ids", "attention_mask", "advantages", "bias",
-                        "ref_per_token_logps", "old_per_token_logps", "ref_input", "ref_weight", "ref_bias"]
+    assert fwd == ["_input", "lin_weight", "selected_token_ids", "attention_mask", "advantages", "bias",
+                   "ref_per_token_logps", "old_per_token_logps", "ref_input", "ref_weight", "ref_bias",
+                   "vllm_is_ratio", "num_items_in_batch"]
+    if importlib.util.find_spec("liger_kernel") is not None:  # and against the installed Liger, defaults included
+        from liger_kernel.chunked_loss import LigerFusedLinearGRPOLoss
+
+        ours = inspect.signature(FusedLinearGRPOLoss.__init__).parameters
+        for name, p in inspect.signature(LigerFusedLinearGRPOLoss.__init__).parameters.items():
+            assert name in ours and ours[name].default == p.default, name
+        assert fwd == list(inspect.signature(LigerFusedLinearGRPOLoss.forward).parameters)[1:]
 
 
-def test_trl_swap_example():
+def _example():
     spec = importlib.util.spec_from_file_location("trl_grpo_swap", ROOT / "examples" / "trl_grpo_swap.py")
     example = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(example)
-    out = example.demo("cpu")
-    assert out["loss"] == pytest.approx(out["reference_loss"], rel=1e-4, abs=1e-6)
-    assert out["kl"] > 0 and out["head_grad_norm"] > 0
+    return example
 
-    class FakeLiger(torch.nn.Module):  # the attributes a LigerFusedLinearGRPOLoss carries
-        beta, compiled, use_ref_model, chunk_size = 0.0, True, False, 1
-        epsilon_low, epsilon_high, loss_type, max_completion_length = 0.1, 0.3, "dr_grpo", 64
-        importance_sampling_level, temperature, delta, use_bias_correction_kl = "sequence", 0.7, None, False
 
-    swapped = example.swap_module(FakeLiger())
+@pytest.mark.skipif(importlib.util.find_spec("liger_kernel") is None, reason="needs liger-kernel")
+def test_swap_module_keeps_liger_settings():
+    # examples/trl_grpo_swap.py's swap_module turns a built Liger loss (TRL 1.8-1.13's trainer.liger_loss) into
+    # vpgea's with every setting, and the two agree on a batch.
+    from liger_kernel.chunked_loss import LigerFusedLinearGRPOLoss
+
+    liger = LigerFusedLinearGRPOLoss(beta=0.05, compiled=False, loss_type="sapo", epsilon_high=0.3, temperature=0.7,
+                                     sapo_temperature_pos=0.8, sapo_temperature_neg=1.4, use_ref_model=True)
+    swapped = _example().swap_module(liger, impl="torch")
     assert isinstance(swapped, FusedLinearGRPOLoss)
-    assert (swapped.loss_type, swapped.max_completion_length, swapped.temperature) == ("dr_grpo", 64, 0.7)
+    assert (swapped.loss_type, swapped.temperature, swapped.sapo_temperature_neg) == ("sapo", 0.7, 1.4)
+    d = make_batch(seed=16)
+    fw = dict(ref_per_token_logps=d["ref"], old_per_token_logps=d["old"])
+    compare(run(swapped, d, **fw), run(liger, d, **fw))
 
 
 # Liger's chunked GRPO loss is plain PyTorch (compiled=False skips torch.compile), so the parity check runs on the CPU
 # too; liger-kernel is in the dev extra.
-@pytest.mark.skipif(importlib.util.find_spec("liger_kernel") is None, reason="needs liger-kernel")
+needs_liger = pytest.mark.skipif(importlib.util.find_spec("liger_kernel") is None, reason="needs liger-kernel")
+
+
+@needs_liger
 @pytest.mark.parametrize("impl", IMPLS)
-@pytest.mark.parametrize("loss_type", LOSS_TYPES)
-@pytest.mark.parametrize("level", ["token", "sequence"])
+@pytest.mark.parametrize("loss_type,level", ALL_CASES)
 def test_against_liger(impl, loss_type, level):
     from liger_kernel.chunked_loss import LigerFusedLinearGRPOLoss
 
     d = make_batch(seed=10)
+    if loss_type == "luspo":
+        # Liger sums luspo's per-token loss over the whole padded [B, T] grid, padding included (see vpgea.grpo):
+        # compared where there is no padding; test_luspo_against_liger_with_padding covers the padded setup they share.
+        d["mask"] = torch.ones_like(d["mask"])
     opts = dict(beta=0.04, epsilon_low=0.2, epsilon_high=0.28, loss_type=loss_type, max_completion_length=T,
                 importance_sampling_level=level, temperature=0.9, use_ref_model=True)
+    opts.update(TYPE_OPTS.get(loss_type, {}))
+    is_ratio = torch.rand(B, T, generator=torch.Generator().manual_seed(5)).to(DEVICE) + 0.5
     for fw in (dict(ref_per_token_logps=d["ref"], old_per_token_logps=d["old"]),  # off-policy, given reference
-               dict(ref_input=d["ref_x"], ref_weight=d["ref_w"])):  # on-policy, reference from hidden states
+               dict(ref_input=d["ref_x"], ref_weight=d["ref_w"]),  # on-policy, reference from hidden states
+               dict(ref_per_token_logps=d["ref"], old_per_token_logps=d["old"], vllm_is_ratio=is_ratio,
+                    num_items_in_batch=61)):
         got = run(FusedLinearGRPOLoss(**opts, impl=impl), d, **fw)
         want = run(LigerFusedLinearGRPOLoss(compiled=False, **opts), d, **fw)
         compare(got, want, rtol=2e-4, atol=2e-5)
+
+
+@needs_liger
+def test_luspo_against_liger_with_padding():
+    # The recommended LUSPO setup (sequence-level weights, no KL, per-sequence correction): Liger's [B, 1] grid has no
+    # padded positions, so the padded batch agrees.
+    from liger_kernel.chunked_loss import LigerFusedLinearGRPOLoss
+
+    d = make_batch(seed=14)
+    opts = dict(beta=0.0, use_ref_model=False, loss_type="luspo", importance_sampling_level="sequence")
+    for fw in (dict(old_per_token_logps=d["old"]), dict(old_per_token_logps=d["old"], vllm_is_ratio=d["adv"].abs())):
+        compare(run(FusedLinearGRPOLoss(**opts, impl="torch"), d, **fw),
+                run(LigerFusedLinearGRPOLoss(compiled=False, **opts), d, **fw))
+
+
+@needs_liger
+@pytest.mark.parametrize("loss_type", ["grpo", "bnpo", "dr_grpo", "dapo", "cispo"])
+def test_token_advantages_against_liger(loss_type):
+    # [B, T] advantages: one per token, as Liger reads them with its default chunk_size=1 (Liger's token-level cases;
+    # its sequence-level and sapo paths fail to broadcast [B, T]; those are checked against the padded reference).
+    from liger_kernel.chunked_loss import LigerFusedLinearGRPOLoss
+
+    d = make_batch(seed=12)
+    d["adv"] = torch.randn(B, T, generator=torch.Generator().manual_seed(1)).to(DEVICE)
+    opts = dict(beta=0.04, loss_type=loss_type, temperature=0.9, max_completion_length=T, **TYPE_OPTS.get(loss_type, {}))
+    fw = dict(old_per_token_logps=d["old"], ref_per_token_logps=d["ref"])
+    compare(run(FusedLinearGRPOLoss(**opts, impl="torch"), d, **fw),
+            run(LigerFusedLinearGRPOLoss(compiled=False, **opts), d, **fw))
+
+
+@pytest.mark.parametrize("loss_type,level", [("sapo", "token"), ("grpo", "sequence"), ("luspo", "token")])
+def test_token_advantages_against_reference(loss_type, level):
+    d = make_batch(seed=12)
+    d["adv"] = torch.randn(B, T, generator=torch.Generator().manual_seed(1)).to(DEVICE)
+    opts = dict(beta=0.04, loss_type=loss_type, importance_sampling_level=level, **TYPE_OPTS.get(loss_type, {}))
+    fw = dict(old_per_token_logps=d["old"], ref_per_token_logps=d["ref"])
+    got = run(FusedLinearGRPOLoss(**opts, impl="torch"), d, **fw)
+    compare(got, run(lambda *a, **k: grpo_fused_linear_reference(*a, **opts, **k), d, **fw))
+    # and per-token advantages equal to the per-sequence ones give the per-sequence loss
+    d_seq = dict(d, adv=d["adv"][:, 0].contiguous())
+    d_tok = dict(d, adv=d_seq["adv"][:, None].expand(B, T).contiguous())
+    compare(run(FusedLinearGRPOLoss(**opts, impl="torch"), d_tok, **fw),
+            run(FusedLinearGRPOLoss(**opts, impl="torch"), d_seq, **fw))
+
+
+@needs_liger
+@pytest.mark.parametrize("impl", IMPLS)
+def test_mixed_dtypes_against_liger(impl):
+    # bf16 hidden states with an fp32 head (a bf16 model with fp32 master weights, as Liger takes it): the head is cast
+    # to bf16 for the product in both; gradients come back in each input's dtype. Errors against an fp32 gold (same
+    # bf16-rounded hidden, fp32 head) within twice Liger's own, plus one bf16 ulp of the largest value.
+    from liger_kernel.chunked_loss import LigerFusedLinearGRPOLoss
+
+    d = make_batch(seed=13)
+    d["x"] = d["x"].detach().bfloat16().requires_grad_(True)
+    opts = dict(beta=0.04, loss_type="dapo", temperature=0.9)
+    fw = dict(old_per_token_logps=d["old"], ref_per_token_logps=d["ref"])
+    got = run(FusedLinearGRPOLoss(**opts, impl=impl), d, **fw)
+    liger = run(LigerFusedLinearGRPOLoss(compiled=False, **opts), d, **fw)
+    d32 = dict(d, x=d["x"].detach().float().requires_grad_(True))
+    gold = run(lambda *a, **k: grpo_fused_linear_reference(*a, **opts, **k), d32, **fw)
+    assert [g.dtype for g in got[2]] == [torch.bfloat16, torch.float32, torch.float32]
+    err = lambda a, b: (a.float() - b.float()).abs().max().item()  # noqa: E731
+    assert err(got[0], gold[0]) <= 2 * err(liger[0], gold[0]) + 2**-8 * abs(gold[0].item())
+    for g, lg, gg in zip(got[2], liger[2], gold[2]):
+        assert err(g, gg) <= 2 * err(lg, gg) + 2**-8 * gg.abs().max().item()
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_non_finite_advantages_rejected(bad):
+    d = make_batch(seed=15)
+    mod = FusedLinearGRPOLoss(beta=0.0, use_ref_model=False, loss_type="grpo", impl="torch")
+    adv = d["adv"].clone()
+    adv[1] = bad
+    with pytest.raises(ValueError, match=r"advantages must be finite; found (nan|inf) at completion 1"):
+        mod(d["x"], d["w"], d["ids"], d["mask"], adv, d["b"])
+    tok = torch.zeros(B, T, device=DEVICE)
+    tok[2, 3] = bad  # completion 2 is fully masked: a NaN there is never used, so it is accepted
+    assert torch.isfinite(mod(d["x"], d["w"], d["ids"], d["mask"], tok, d["b"])[0])
+    tok[0, 2] = bad
+    with pytest.raises(ValueError, match="at token 2 of completion 0"):
+        mod(d["x"], d["w"], d["ids"], d["mask"], tok, d["b"])
 
 
 @pytest.mark.parametrize("impl", IMPLS)

@@ -205,6 +205,13 @@ def test_forward_methods_agree_with_float64(dtype, monkeypatch):
         torch.testing.assert_close(l, lse, atol=2e-5, rtol=2e-6)
         torch.testing.assert_close(t, tgt, atol=2e-5, rtol=2e-6)
         torch.testing.assert_close(e, ent, atol=5e-5, rtol=2e-5)
+    # With a logit scale and a softcap (Gemma-2 style) the two methods still agree.
+    capped = [K.token_logprobs_forward(h, w, b, y, inv_t, 1.0, True, method=m, logit_scale=0.7, softcap=5.0,
+                                       workspace_bytes=16 * 4 * 128) for m in ("gemm", "fused")]
+    for a, r in zip(*capped):
+        torch.testing.assert_close(a, r, atol=5e-5, rtol=5e-6)
+    zc = 5.0 * torch.tanh(F.linear(h.double(), w.double(), b.double()) * 0.7 / 5.0) * inv_t.double()[:, None]
+    torch.testing.assert_close(capped[0][1].double(), torch.logsumexp(zc, -1), atol=2e-5, rtol=2e-6)
     with pytest.raises(ValueError, match="method must be"):
         K.token_logprobs_forward(h, w, b, y, inv_t, 1.0, True, method="tiles")
 
@@ -370,3 +377,216 @@ def test_bad_targets_under_compile_are_nan_not_numbers(impl):
     assert got[2] == 0.0
     gold, _ = _reference(h, w, None, torch.tensor([3, 0, -100, 0, 0], device=DEV), 1.0, -100)
     torch.testing.assert_close(got[0].double(), gold[0], rtol=1e-5, atol=1e-5)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# logit scale, final-logit softcapping, sampling support
+
+
+def _transformed(z, temp, scale, softcap):
+    """Logits after the scale, the softcap and the temperature, in z's dtype (float64 gold or fp32 eager)."""
+    z = z * scale
+    if softcap is not None:
+        z = softcap * torch.tanh(z / softcap)
+    t = temp.to(z.dtype)[..., None] if isinstance(temp, torch.Tensor) else temp
+    return z / t
+
+
+def _masked_logsoftmax(z, keep):
+    return torch.log_softmax(z if keep is None else z.masked_fill(~keep, float("-inf")), dim=-1)
+
+
+def _lp_ent(ls, y, ignore_index, keep):
+    valid = y != ignore_index
+    lp = ls.gather(-1, torch.where(valid, y, 0)[..., None])[..., 0]
+    p_ls = ls.exp() * (ls if keep is None else ls.masked_fill(~keep, 0.0))  # 0 * -inf would be NaN
+    return torch.where(valid, lp, 0.0), torch.where(valid, -p_ls.sum(-1), 0.0)
+
+
+def _keep_mask(support, v):
+    """``[..., V]`` bool from ``[..., K]`` kept ids (-1 pads)."""
+    keep = torch.zeros(*support.shape[:-1], v + 1, dtype=torch.bool, device=support.device)
+    keep.scatter_(-1, torch.where(support >= 0, support, v), True)
+    return keep[..., :v]
+
+
+def _case_ext(impl, n_shape, v, d, dtype, *, scale=1.0, softcap=None, temp=0.8, support=None, grads=(True,) * 3):
+    """``_case`` with a logit scale, a softcap and an optional support: fused against a float64 gold, within twice
+    eager PyTorch's own error in the same dtype (``F.linear`` in ``dtype``, then fp32)."""
+    h, w, b, y = _make(n_shape, v, d, dtype, bias=True, seed=3)
+    ignore_index = -100
+    keep = None
+    if support == "top-k/top-p":
+        # The sampler's kept set from top-k = 9 / top-p = 0.8 of the float64 logits, and a target drawn from it.
+        z64 = _transformed(F.linear(h.double(), w.double(), b.double()), temp, scale, softcap)
+        order = z64.argsort(dim=-1, descending=True)
+        p = torch.softmax(z64.gather(-1, order[..., :9]), -1)
+        kept = torch.where(torch.cumsum(p, -1) - p < 0.8, order[..., :9], -1)
+        support = kept.flip(-1)  # any order, padding anywhere
+        y = kept[..., 0].clone()
+        keep = _keep_mask(support, v)
+    y.view(-1)[::4] = ignore_index
+    gen = torch.Generator().manual_seed(2)
+    g_lp = torch.randn(n_shape, generator=gen, dtype=torch.float64).to(DEV)
+    g_ent = torch.randn(n_shape, generator=gen, dtype=torch.float64).to(DEV)
+
+    def fused(h_, w_, b_, y_, t_, ii):
+        return vpgea.token_logprobs(h_, w_, y_, bias=b_, temperature=t_, ignore_index=ii, return_entropy=True,
+                                    logit_scale=scale, softcap=softcap, support=support, impl=impl)
+
+    def gold(h_, w_, b_, y_, t_, ii):
+        z = _transformed(F.linear(h_.double(), w_.double(), b_.double()), t_, scale, softcap)
+        return _lp_ent(_masked_logsoftmax(z, keep), y_, ii, keep)
+
+    def eager(h_, w_, b_, y_, t_, ii):
+        z = _transformed(F.linear(h_, w_, b_).float(), t_, scale, softcap)
+        return _lp_ent(_masked_logsoftmax(z, keep), y_, ii, keep)
+
+    runs = [_run(f, h, w, b, y, temp, ignore_index, g_lp, g_ent, grads) for f in (fused, gold, eager)]
+    names = ["logp", "entropy"] + [n for n, need in zip(("d_hidden", "d_weight", "d_bias"), grads) if need]
+    _check_close(*runs, dtype, names)
+    return runs
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("scale,softcap", [(0.37, None), (1.0, 2.5), (3.0, 30.0)])
+@pytest.mark.parametrize("n_shape,v,d", [((29,), 131, 40), ((3, 5), 67, 24)])
+def test_scale_and_softcap_match_float64(impl, scale, softcap, n_shape, v, d):
+    # fp32 under the interpreter (on a GPU the same shapes run the compiled kernels). softcap 2.5 saturates most
+    # logits (|scaled logit| ~ 3-9), where tanh' = 1 - t^2 is small and most easily wrong; 30 is Gemma-2's.
+    _case_ext(impl, n_shape, v, d, torch.float32, scale=scale, softcap=softcap)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_softcap_bf16_per_token_temperature(impl):
+    temp = (torch.rand(17, generator=torch.Generator().manual_seed(4)) + 0.5).to(DEV)
+    _case_ext(impl, (17,), 97, 32, torch.bfloat16, scale=0.5, softcap=4.0, temp=temp)
+
+
+def test_scale_without_softcap_is_a_temperature():
+    # Without a softcap the scale folds into the inverse temperature: scale s at temperature T is temperature T / s.
+    h, w, b, y = _make((11,), 53, 16, torch.float32, bias=True)
+    for impl in IMPLS:
+        a = vpgea.token_logprobs(h, w, y, bias=b, temperature=0.9, logit_scale=0.3, impl=impl)
+        r = vpgea.token_logprobs(h, w, y, bias=b, temperature=0.9 / 0.3, impl=impl)
+        torch.testing.assert_close(a, r, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_support_matches_float64(impl, dtype):
+    # Renormalised over a top-k/top-p kept set (the target drawn from it), with a softcap: log-softmax over the kept
+    # columns in float64 is the gold; gradients reach only the kept head rows.
+    fused, gold, _ = _case_ext(impl, (6, 7), 89, 24, dtype, scale=1.3, softcap=5.0, support="top-k/top-p")
+    d_w = fused[3]
+    assert (d_w.abs().sum(-1) > 0).sum() <= 6 * 7 * 9  # at most the kept rows of the head get a gradient
+    assert torch.all(fused[0] <= 0)
+
+
+def test_support_of_everything_is_the_full_softmax():
+    h, w, b, y = _make((13,), 41, 16, torch.float32, bias=True)
+    everything = torch.arange(41).flip(0).expand(13, 41).to(DEV)
+    full = vpgea.token_logprobs(h, w, y, bias=b, softcap=3.0, return_entropy=True, impl="torch")
+    kept = vpgea.token_logprobs(h, w, y, bias=b, softcap=3.0, return_entropy=True, support=everything)
+    for a, r in zip(kept, full):
+        torch.testing.assert_close(a, r, rtol=1e-5, atol=1e-5)
+
+
+def test_top_k_top_p_support_matches_transformers_warpers():
+    # The kept sets are those of transformers' TopK and TopP warpers (the samplers' reference semantics), applied to
+    # the same transformed logits.
+    from transformers.generation.logits_process import TopKLogitsWarper, TopPLogitsWarper
+
+    from vpgea.logprobs import top_k_top_p_support
+
+    h, w, b, _ = _make((2, 9), 211, 24, torch.float32, bias=True)
+    for top_k, top_p in ((None, 0.7), (12, None), (12, 0.9), (1, 0.5), (None, 1.0)):
+        sup = top_k_top_p_support(h, w, bias=b, top_k=top_k, top_p=top_p, temperature=0.6, softcap=4.0)
+        assert sup.shape[:-1] == (2, 9) and sup.dtype == torch.int64
+        scores = _transformed(F.linear(h, w, b).reshape(18, 211), 0.6, 1.0, 4.0)
+        if top_k is not None:
+            scores = TopKLogitsWarper(top_k)(None, scores)
+        if top_p is not None and top_p < 1.0:
+            scores = TopPLogitsWarper(top_p)(None, scores)
+        want = torch.isfinite(scores)
+        assert torch.equal(_keep_mask(sup.reshape(18, -1), 211), want)
+        # kept ids come first in descending logit order, then the -1 padding
+        assert torch.all((sup[..., 1:] == -1) | (sup[..., :-1] >= 0))
+
+
+def test_support_bad_inputs():
+    h, w, b, y = _make((4,), 10, 8, torch.float32, bias=True)
+    y = torch.tensor([1, 2, 3, -100], device=DEV)
+    ok = torch.tensor([[1, 5, -1], [2, -1, -1], [3, 4, 0], [-1, -1, -1]], device=DEV)
+    vpgea.token_logprobs(h, w, y, support=ok)
+    with pytest.raises(ValueError, match=r"support must be .* = \[4, K\].*got shape \(3, 3\)"):
+        vpgea.token_logprobs(h, w, y, support=ok[:3])
+    with pytest.raises(ValueError, match="int64"):
+        vpgea.token_logprobs(h, w, y, support=ok.float())
+    with pytest.raises(ValueError, match=r"support ids must be in \[0, 10\) or -1.*found 10 at flat position 1"):
+        vpgea.token_logprobs(h, w, y, support=torch.tensor([[1, -1], [2, 10], [3, 0], [-1, -1]], device=DEV))
+    with pytest.raises(ValueError, match="twice at flat position 2"):
+        vpgea.token_logprobs(h, w, y, support=torch.tensor([[1, -1], [2, -1], [3, 3], [-1, -1]], device=DEV))
+    with pytest.raises(ValueError, match="target 2 at flat position 1 is not in its support"):
+        vpgea.token_logprobs(h, w, y, support=torch.tensor([[1, -1], [5, -1], [3, 0], [-1, -1]], device=DEV))
+    with pytest.raises(ValueError, match="softcap must be None or a finite float > 0"):
+        vpgea.token_logprobs(h, w, y, softcap=0.0)
+    with pytest.raises(ValueError, match="logit_scale must be a finite float"):
+        vpgea.token_logprobs(h, w, y, logit_scale=float("inf"))
+    from vpgea.logprobs import top_k_top_p_support
+
+    with pytest.raises(ValueError, match="top_p must be in"):
+        top_k_top_p_support(h, w, top_p=0.0)
+    with pytest.raises(ValueError, match="top_k must be an int"):
+        top_k_top_p_support(h, w, top_k=0)
+
+
+def test_stats_match_float64():
+    from vpgea.logprobs import token_logprob_stats
+
+    h, w, b, y = _make((5, 7), 73, 24, torch.float32, bias=True)
+    z = _transformed(F.linear(h.double(), w.double(), b.double()), 0.7, 2.0, 3.0)
+    y[0, :4] = z[0, :4].argmax(-1)  # some targets are the argmax
+    y[1, 0] = -100
+    got = token_logprob_stats(h, w, y, bias=b, temperature=0.7, logit_scale=2.0, softcap=3.0)
+    ls = torch.log_softmax(z, -1)
+    valid = y != -100
+    torch.testing.assert_close(got["log_sum_sq_probs"].double(),
+                               torch.where(valid, torch.logsumexp(2 * ls, -1), 0.0), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got["mean_logits"].double(), torch.where(valid, z.mean(-1), 0.0), rtol=1e-5, atol=1e-5)
+    assert torch.equal(got["is_top1"], valid & (z.argmax(-1) == y))
+    assert got["is_top1"][0, :4].all() and not got["is_top1"][1, 0]
+    assert set(token_logprob_stats(h, w, y, stats=("is_top1",))) == {"is_top1"}
+    with pytest.raises(ValueError, match="stats must be among"):
+        token_logprob_stats(h, w, y, stats=("entropy",))
+
+
+def test_softcap_custom_op_passes_opcheck():
+    from vpgea.logprobs import _triton_fwd
+
+    h, w, b, y = _make((9,), 37, 16, torch.float32, bias=True)
+    args = (h.requires_grad_(), w.requires_grad_(), b.requires_grad_(), y, None, 1.25, -100, True, 0.8, 6.0)
+    torch.library.opcheck(_triton_fwd, args, test_utils=("test_schema", "test_faketensor",
+                                                         "test_autograd_registration"))
+
+
+def test_softcap_kernels_lower_to_tensor_cores():
+    # The HAS_SOFTCAP variants compile for sm_90 with wgmma and pipelined loads (the fast path's PTX is unchanged:
+    # the flags are constexpr and default off).
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    pytest.importorskip("triton")
+    root = Path(__file__).resolve().parents[1]
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join([str(root), env.get("PYTHONPATH", "")])
+    proc = subprocess.run([sys.executable, str(root / "tests" / "_aot_compile.py"), "--softcap"], env=env,
+                          capture_output=True, text=True, timeout=600)
+    if proc.returncode != 0 and "ASTSource" in proc.stderr and "ImportError" in proc.stderr:
+        pytest.skip("this triton has no ahead-of-time compile API")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for r in json.loads(proc.stdout):
+        assert r["softcap"] and r["wgmma"] > 0 and r["cp_async"] > 0 and r["shared"] <= 227 * 1024, r

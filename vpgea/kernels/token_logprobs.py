@@ -44,12 +44,29 @@ from ._utils import INTERPRET, addmm_fp32_, device_guard, mm_fp32, next_pow2
 
 
 @triton.jit
+def _tanh(x):
+    """fp32 tanh within a few ulps (no libdevice: the interpreter has none). The exp form ``(1 - e) / (1 + e)``,
+    ``e = exp(-2|x|)``, loses relative accuracy as ``|x| -> 0`` (``1 - e`` cancels), so below ``|x| = 0.25`` the odd
+    Taylor polynomial to ``x^9`` is used instead (its truncation there is < 1e-8 relative)."""
+    a = tl.abs(x)
+    e = tl.exp(-2.0 * a)
+    big = (1.0 - e) / (1.0 + e)
+    x2 = a * a
+    small = a * (1.0 + x2 * (-1.0 / 3.0 + x2 * (2.0 / 15.0 + x2 * (-17.0 / 315.0 + x2 * (62.0 / 2835.0)))))
+    t = tl.where(a < 0.25, small, big)
+    return tl.where(x < 0, -t, t)
+
+
+@triton.jit
 def _logits_tile(
-    H, W, B, rows, row_mask, cols, col_mask, D, stride_h, stride_w, inv_t,
-    HAS_BIAS: tl.constexpr, DOT_FP32: tl.constexpr, IEEE: tl.constexpr,
+    H, W, B, rows, row_mask, cols, col_mask, D, stride_h, stride_w, inv_t, cap_pre, cap,
+    HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, DOT_FP32: tl.constexpr, IEEE: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    """``[BLOCK_N, BLOCK_V]`` tile of scaled logits in fp32; columns outside ``col_mask`` are ``-inf``."""
+    """``[BLOCK_N, BLOCK_V]`` tile of transformed logits in fp32; columns outside ``col_mask`` are ``-inf``.
+
+    Without softcapping ``z = (h W^T + b) * inv_t`` (a logit scale is folded into ``inv_t`` by the launcher); with it
+    ``z = cap * tanh((h W^T + b) * cap_pre) * inv_t``, ``cap_pre = logit_scale / cap``."""
     acc = tl.zeros((BLOCK_N, BLOCK_V), dtype=tl.float32)
     h_ptrs = H + rows.to(tl.int64)[:, None] * stride_h
     w_ptrs = W + cols.to(tl.int64)[:, None] * stride_w
@@ -69,6 +86,8 @@ def _logits_tile(
     if HAS_BIAS:
         bias = tl.load(B + cols, mask=col_mask, other=0.0).to(tl.float32)
         acc = acc + bias[None, :]
+    if HAS_SOFTCAP:
+        acc = cap * _tanh(acc * cap_pre)
     z = acc * inv_t[:, None]
     return tl.where(col_mask[None, :], z, float("-inf"))
 
@@ -80,6 +99,7 @@ def _token_logprobs_fwd_kernel(
     N, V, D, stride_h, stride_w, inv_t_scalar, v_per_split, NUM_SPLITS,
     HAS_BIAS: tl.constexpr, HAS_TEMP: tl.constexpr, WITH_ENTROPY: tl.constexpr, DOT_FP32: tl.constexpr, IEEE: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
+    cap_pre=1.0, cap=1.0, HAS_SOFTCAP: tl.constexpr = False,
 ):
     # 1-D grid, split index fastest: the programs resident at one time cover few row blocks (their hidden blocks
     # stay in L2 across the whole vocab walk) and several vocab splits (each W tile is read by all of them).
@@ -103,8 +123,8 @@ def _token_logprobs_fwd_kernel(
     for v0 in range(v_start, v_end, BLOCK_V):
         cols = v0 + tl.arange(0, BLOCK_V)
         col_mask = cols < v_end
-        z = _logits_tile(H, W, B, rows, row_mask, cols, col_mask, D, stride_h, stride_w, inv_t,
-                         HAS_BIAS, DOT_FP32, IEEE, BLOCK_N, BLOCK_V, BLOCK_D)
+        z = _logits_tile(H, W, B, rows, row_mask, cols, col_mask, D, stride_h, stride_w, inv_t, cap_pre, cap,
+                         HAS_BIAS, HAS_SOFTCAP, DOT_FP32, IEEE, BLOCK_N, BLOCK_V, BLOCK_D)
         # Every tile has at least one valid column (v0 < v_end), so m_new is finite and exp(m - m_new) is 0, not NaN,
         # on the first tile.
         m_new = tl.maximum(m, tl.max(z, axis=1))
@@ -130,8 +150,10 @@ def _token_logprobs_fold_kernel(
     M, L, T, E,  # running statistics [rows] fp32, updated in place
     n_cols, v_lo, stride_z, inv_t_scalar,
     HAS_BIAS: tl.constexpr, HAS_TEMP: tl.constexpr, WITH_ENTROPY: tl.constexpr, BLOCK_C: tl.constexpr,
+    cap_pre=1.0, cap=1.0, HAS_SOFTCAP: tl.constexpr = False,
 ):
-    """One row per program: fold columns ``[v_lo, v_lo + n_cols)`` of the row's logits into (m, l, t, e)."""
+    """One row per program: fold columns ``[v_lo, v_lo + n_cols)`` of the row's logits into (m, l, t, e), with the
+    same transform as ``_logits_tile`` (bias, then the softcap when there is one, then the inverse temperature)."""
     row = tl.program_id(0)
     z_row = Z + row.to(tl.int64) * stride_z
     y = tl.load(Y + row)
@@ -151,6 +173,8 @@ def _token_logprobs_fold_kernel(
         z = tl.load(z_row + cols, mask=mask, other=0.0).to(tl.float32)
         if HAS_BIAS:
             z += tl.load(B + v_lo + cols, mask=mask, other=0.0).to(tl.float32)
+        if HAS_SOFTCAP:
+            z = cap * _tanh(z * cap_pre)
         z = tl.where(mask, z * inv_t, float("-inf"))
         # m starts at -inf and every block has a valid column, so m_new is finite: exp(m - m_new) is 0, not NaN.
         m_new = tl.maximum(m, tl.max(z, 0))
@@ -175,6 +199,7 @@ def _token_logprobs_dlogits_kernel(
     N, D, stride_h, stride_w, stride_dz, inv_t_scalar, v_lo, v_hi,
     HAS_BIAS: tl.constexpr, HAS_TEMP: tl.constexpr, WITH_ENTROPY: tl.constexpr, DOT_FP32: tl.constexpr, IEEE: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
+    cap_pre=1.0, cap=1.0, logit_scale=1.0, HAS_SOFTCAP: tl.constexpr = False,
 ):
     # Vocab tiles fastest: the chunk's W slice (chunk x D) stays in L2 and each hidden block is read once per chunk.
     pid_v = tl.program_id(0)
@@ -192,8 +217,8 @@ def _token_logprobs_dlogits_kernel(
     lse = tl.load(LSE + rows, mask=row_mask, other=0.0)
     g = tl.load(G + rows, mask=row_mask, other=0.0)
 
-    z = _logits_tile(H, W, B, rows, row_mask, cols, col_mask, D, stride_h, stride_w, inv_t,
-                     HAS_BIAS, DOT_FP32, IEEE, BLOCK_N, BLOCK_V, BLOCK_D)
+    z = _logits_tile(H, W, B, rows, row_mask, cols, col_mask, D, stride_h, stride_w, inv_t, cap_pre, cap,
+                     HAS_BIAS, HAS_SOFTCAP, DOT_FP32, IEEE, BLOCK_N, BLOCK_V, BLOCK_D)
     p = tl.exp(z - lse[:, None])  # masked columns: exp(-inf) = 0
     dz = tl.where(cols[None, :] == y[:, None], g[:, None], 0.0) - g[:, None] * p
     if WITH_ENTROPY:
@@ -201,6 +226,11 @@ def _token_logprobs_dlogits_kernel(
         ge = tl.load(GE + rows, mask=row_mask, other=0.0)
         dz -= ge[:, None] * p * tl.where(col_mask[None, :], z - mu[:, None], 0.0)
     dz = dz * inv_t[:, None]
+    if HAS_SOFTCAP:
+        # d z / d raw = inv_t * logit_scale * (1 - t^2), t = tanh(raw * cap_pre) = z / (cap * inv_t): t from the
+        # output, as PyTorch's tanh backward does. Masked columns (z = -inf) are never stored; 0 keeps them finite.
+        t = z / (cap * inv_t[:, None])
+        dz = dz * tl.where(col_mask[None, :], (1.0 - t * t) * logit_scale, 0.0)
     ptrs = DZ + rows.to(tl.int64)[:, None] * stride_dz + local[None, :]
     tl.store(ptrs, dz.to(DZ.dtype.element_ty), mask=row_mask[:, None] & col_mask[None, :])
 
@@ -304,6 +334,20 @@ def _default_splits(device: torch.device, n_blocks: int, v_tiles: int, hidden_bl
     return max(1, min(v_tiles, max(fill, l2)))
 
 
+def _transform_args(inv_temp, inv_temp_scalar, logit_scale, softcap):
+    """``(inv_temp, inv_temp_scalar, kernel kwargs)`` for a logit scale and softcap. Without a softcap the scale is a
+    plain factor and is folded into the inverse temperature, so the kernels run their unchanged fast path; with one
+    it must act before the tanh, so the kernels get ``HAS_SOFTCAP`` and ``cap_pre = logit_scale / softcap``."""
+    if softcap is None:
+        if logit_scale != 1.0:
+            if inv_temp is not None:
+                inv_temp = inv_temp * float(logit_scale)
+            inv_temp_scalar = inv_temp_scalar * float(logit_scale)
+        return inv_temp, inv_temp_scalar, {}
+    return inv_temp, inv_temp_scalar, dict(cap_pre=float(logit_scale) / float(softcap), cap=float(softcap),
+                                           HAS_SOFTCAP=True)
+
+
 def token_logprobs_forward(
     hidden: torch.Tensor,  # [N, D]
     weight: torch.Tensor,  # [V, D]
@@ -315,14 +359,18 @@ def token_logprobs_forward(
     num_splits: int | None = None,
     config: dict | None = None,
     *,
+    logit_scale: float = 1.0,
+    softcap: float | None = None,
     method: str | None = None,
     workspace_bytes: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Returns ``(target_logit, lse, mu, entropy)``, each fp32 ``[N]`` (``mu``/``entropy`` empty without entropy).
 
-    ``target_logit`` is the scaled logit of the target column (0 when the target is outside ``[0, V)``).
-    ``method``: ``"gemm"`` (cuBLAS tiles folded by Triton; the default on CUDA) or ``"fused"`` (logits never leave the
-    chip; the default under the CPU interpreter). ``num_splits`` and ``config`` apply to ``"fused"``,
+    ``target_logit`` is the transformed logit of the target column (0 when the target is outside ``[0, V)``). The
+    logits are ``softcap * tanh(raw * logit_scale / softcap) * inv_temp`` with a softcap, else
+    ``raw * logit_scale * inv_temp`` (``raw = h W^T + b``).
+    ``method``: ``"gemm"`` (cuBLAS tiles folded by Triton; the default on CUDA for bf16/fp16) or ``"fused"`` (logits
+    never leave the chip; fp32 and the CPU interpreter). ``num_splits`` and ``config`` apply to ``"fused"``,
     ``workspace_bytes`` (the fp32 logits tile) to ``"gemm"``.
     """
     n, d = hidden.shape
@@ -336,11 +384,13 @@ def token_logprobs_forward(
         # 1.2-1.5x over the test bound on an H200 (bf16/fp16 stay far inside theirs). fp32 GEMMs gain nothing from
         # cuBLAS tiles anyway (no tensor cores without TF32).
         method = FORWARD_METHOD or ("gemm" if hidden.is_cuda and hidden.dtype != torch.float32 else "fused")
-    if method == "gemm":
-        stats = _forward_gemm(hidden, weight, bias, targets, inv_temp, inv_temp_scalar, with_entropy, workspace_bytes)
-        return _finish(*stats, with_entropy)
-    if method != "fused":
+    if method not in ("gemm", "fused"):
         raise ValueError(f"token_logprobs_forward: method must be 'gemm' or 'fused', got {method!r}")
+    if method == "gemm":
+        inv_temp, inv_temp_scalar, cap_args = _transform_args(inv_temp, inv_temp_scalar, logit_scale, softcap)
+        stats = _forward_gemm(hidden, weight, bias, targets, inv_temp, inv_temp_scalar, with_entropy, workspace_bytes,
+                              cap_args)
+        return _finish(*stats, with_entropy)
     cfg = dict(config) if config else _config(n, v, d, hidden.dtype)
     bn, bv = cfg["BLOCK_N"], cfg["BLOCK_V"]
     n_blocks = triton.cdiv(n, bn)
@@ -351,6 +401,7 @@ def token_logprobs_forward(
     v_per_split = triton.cdiv(v_tiles, num_splits) * bv
     num_splits = triton.cdiv(v, v_per_split)
 
+    inv_temp, inv_temp_scalar, cap_args = _transform_args(inv_temp, inv_temp_scalar, logit_scale, softcap)
     f32 = dict(device=hidden.device, dtype=torch.float32)
     m = torch.empty((num_splits, n), **f32)
     l = torch.empty((num_splits, n), **f32)
@@ -363,7 +414,7 @@ def token_logprobs_forward(
             m, l, t, e,
             n, v, d, hidden.stride(0), weight.stride(0), float(inv_temp_scalar), v_per_split, num_splits,
             HAS_BIAS=bias is not None, HAS_TEMP=inv_temp is not None, WITH_ENTROPY=with_entropy, DOT_FP32=INTERPRET,
-            IEEE=hidden.dtype == torch.float32, **cfg,
+            IEEE=hidden.dtype == torch.float32, **cap_args, **cfg,
         )
     # Merge the per-split partials: O(N * splits).
     m_all = m.max(dim=0).values
@@ -399,7 +450,7 @@ def _gemm_tiles(n: int, v: int, d: int, workspace_bytes: int | None) -> tuple[in
     return rows, min(cols, v)
 
 
-def _forward_gemm(hidden, weight, bias, targets, inv_temp, inv_temp_scalar, with_entropy, workspace_bytes):
+def _forward_gemm(hidden, weight, bias, targets, inv_temp, inv_temp_scalar, with_entropy, workspace_bytes, cap_args):
     n, d = hidden.shape
     v = weight.shape[0]
     f32 = dict(device=hidden.device, dtype=torch.float32)
@@ -422,7 +473,7 @@ def _forward_gemm(hidden, weight, bias, targets, inv_temp, inv_temp_scalar, with
                     m[r0:r1], l[r0:r1], t[r0:r1], e[r0:r1] if with_entropy else m,
                     c1 - c0, c0, z.stride(0), float(inv_temp_scalar),
                     HAS_BIAS=bias is not None, HAS_TEMP=inv_temp is not None, WITH_ENTROPY=with_entropy,
-                    BLOCK_C=block_c, num_warps=4,
+                    BLOCK_C=block_c, num_warps=4, **cap_args,
                 )
             del z
     return m, l, t, e
@@ -452,6 +503,9 @@ def token_logprobs_backward(
     need_bias: bool,
     workspace_bytes: int | None = None,
     config: dict | None = None,
+    *,
+    logit_scale: float = 1.0,
+    softcap: float | None = None,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
     """Returns ``(d_hidden [N, D] fp32, d_weight [V, D], d_bias [V])``, ``None`` where not requested.
 
@@ -468,6 +522,9 @@ def token_logprobs_backward(
     cfg = dict(config) if config else _config(n, v, d, hidden.dtype, backward=True)
     bn, bv = cfg["BLOCK_N"], cfg["BLOCK_V"]
     with_entropy = grad_entropy is not None
+    inv_temp, inv_temp_scalar, cap_args = _transform_args(inv_temp, inv_temp_scalar, logit_scale, softcap)
+    if softcap is not None:
+        cap_args["logit_scale"] = float(logit_scale)
     gemm_dtype = hidden.dtype
     width = _chunk_width(n, v, hidden.element_size(), bv, workspace_bytes)
     dz = torch.empty((n, width), device=hidden.device, dtype=gemm_dtype)
@@ -486,7 +543,7 @@ def token_logprobs_backward(
                 dz,
                 n, d, hidden.stride(0), weight.stride(0), dz.stride(0), float(inv_temp_scalar), v_lo, v_hi,
                 HAS_BIAS=bias is not None, HAS_TEMP=inv_temp is not None, WITH_ENTROPY=with_entropy,
-                DOT_FP32=INTERPRET, IEEE=hidden.dtype == torch.float32, **cfg,
+                DOT_FP32=INTERPRET, IEEE=hidden.dtype == torch.float32, **cap_args, **cfg,
             )
         chunk = dz[:, :cw]
         if need_weight:
