@@ -76,6 +76,9 @@ class TrainConfig:
     loss_route: str = "sweep"
     """Training pass: "sweep" produces the head and hidden gradients while the log-probs are computed (3 GEMMs over
     the vocabulary), "two-pass" computes log-probs and recomputes the logits in the backward (4)."""
+    u_tokens: str = "answer"
+    """U(z): "answer" scores the reference answer's tokens given the path and the final-answer marker (the paper's
+    log P(y* | x, z)); "tail" scores the whole answer tail, marker and stop token included."""
     loss_on_tail: bool = True
     """Train on z + answer tail (the ELBO's log P(y*, z | x)); --no-loss-on-tail trains on z only."""
     length_penalty: float = 1.0
@@ -167,6 +170,7 @@ class TrainConfig:
         need(self.mode in MODES, f"mode must be one of {MODES}, got {self.mode!r}")
         need(self.engine in ("hf", "vllm"), f"engine must be 'hf' or 'vllm', got {self.engine!r}")
         need(self.normalize in NORMALIZE, f"normalize must be one of {NORMALIZE}, got {self.normalize!r}")
+        need(self.u_tokens in ("answer", "tail"), f"u_tokens must be 'answer' or 'tail', got {self.u_tokens!r}")
         need(self.loss_route in ("sweep", "two-pass"), f"loss_route must be 'sweep' or 'two-pass', got "
              f"{self.loss_route!r}")
         need(self.max_steps >= 0, f"max_steps must be >= 0, got {self.max_steps}")

@@ -67,6 +67,7 @@ class Seq:
     prompt: list[int]
     completion: list[int]
     answer: list[int] = field(default_factory=list)
+    u_span: tuple[int, int] | None = None  # the answer tokens [start, end) whose log-probs make U (None: all)
 
     def __len__(self) -> int:
         return len(self.prompt) + len(self.completion) + len(self.answer)
@@ -245,7 +246,7 @@ class VPGEA(Method):
         if not self.cfg.cross_view:
             return []
         it = group.item
-        return [Seq(it.student, s.path, it.tail) for s in group.samples["prior"]]
+        return [Seq(it.student, s.path, it.tail, it.u_span) for s in group.samples["prior"]]
 
     def scored(self, group: Group, answer_sums: torch.Tensor) -> None:
         group.u_prior = answer_sums.float().cpu()
@@ -255,7 +256,7 @@ class VPGEA(Method):
         post = group.samples["post"]
         tail = it.tail if self.cfg.loss_on_tail else []
         teacher = [Seq(it.teacher, s.path, tail) for s in post]
-        student = [Seq(it.student, s.path, it.tail) for s in post]  # the tail is scored for U either way
+        student = [Seq(it.student, s.path, it.tail, it.u_span) for s in post]  # the tail is scored for U either way
         return teacher + student
 
     def u_sequences(self, group: Group) -> list[int]:

@@ -37,8 +37,33 @@ def teacher_prompt(cfg, tokenizer, question: str, answer: str, *, extra: str | N
     return encode_user(tokenizer, _with_extra(content, extra))
 
 
-def answer_tail(cfg, tokenizer, answer: str) -> list[int]:
-    """Token ids of the answer tail a(y*) (``cfg.answer_tail`` formatted with the answer), then the stop token."""
-    tail = list(tokenizer(cfg.answer_tail.format(answer=answer), add_special_tokens=False)["input_ids"])
+def answer_tail(cfg, tokenizer, answer: str) -> tuple[list[int], tuple[int, int]]:
+    """Token ids of the answer tail a(y*) (``cfg.answer_tail`` formatted with the answer, then the stop token), and
+    the span ``[start, end)`` of the tail tokens that ``U`` scores.
+
+    ``cfg.u_tokens == "answer"`` (the paper's ``U = log P(y* | x, z)``): the tokens of the answer itself; the marker
+    before it (``\\boxed{``) is conditioned on, not scored, and neither is what follows (the closing brace, the stop
+    token). The tail is tokenised whole, as the model writes it; the span is the tokens whose characters overlap the
+    answer's (a token that merges the marker's last character with the answer's first is scored). ``"tail"``: the
+    whole tail, stop token included."""
+    text = cfg.answer_tail.format(answer=answer)
     eos = tokenizer.eos_token_id
-    return tail + ([eos] if eos is not None else [])
+    stop = [eos] if eos is not None else []
+    if getattr(cfg, "u_tokens", "answer") == "tail":
+        ids = list(tokenizer(text, add_special_tokens=False)["input_ids"])
+        return ids + stop, (0, len(ids) + len(stop))
+    start_char = len(cfg.answer_tail.split("{answer}")[0].format())  # the literal text before the answer
+    end_char = start_char + len(answer)
+    try:
+        enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+        offsets = enc["offset_mapping"]
+    except (NotImplementedError, ValueError, KeyError):  # a slow tokenizer without offsets: tokenise in pieces
+        pre = list(tokenizer(text[:start_char], add_special_tokens=False)["input_ids"])
+        mid = list(tokenizer(text[start_char:end_char], add_special_tokens=False)["input_ids"])
+        post = list(tokenizer(text[end_char:], add_special_tokens=False)["input_ids"])
+        return pre + mid + post + stop, (len(pre), len(pre) + len(mid))
+    ids = list(enc["input_ids"])
+    inside = [i for i, (a, b) in enumerate(offsets) if a < end_char and b > start_char]
+    if not inside:
+        raise ValueError(f"answer tail {text!r}: no token covers the answer {answer!r}")
+    return ids + stop, (inside[0], inside[-1] + 1)

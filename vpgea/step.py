@@ -107,18 +107,31 @@ def answer_logprob_sums(ctx: StepContext, seqs: list[Seq]) -> torch.Tensor:
     for idx in _agreed(plan, ctx.info):
         part = [seqs[i] for i in idx] if idx is not None else [_DUMMY]
         batch = pack_sequences([s.prompt for s in part], [s.completion for s in part], [s.answer for s in part])
+        spans = [s.u_span for s in part]
         with torch.no_grad(), ctx.amp():
-            sums = ctx.policy(batch, head=lambda h, w, b, batch=batch: _answer_sums(ctx, batch, h, w, b))
+            sums = ctx.policy(batch, head=lambda h, w, b, batch=batch, spans=spans:
+                              _answer_sums(ctx, batch, h, w, b, spans))
         if idx is not None:
             out[idx] = sums
     return out
 
 
-def _answer_sums(ctx, batch, hidden, weight, bias) -> torch.Tensor:
-    """Per packed sequence, the summed log-probs of its answer tokens (``[S]`` float32 CPU)."""
+def _answer_sums(ctx, batch, hidden, weight, bias, spans=None) -> torch.Tensor:
+    """Per packed sequence, the summed log-probs of its answer tokens (``[S]`` float32 CPU); ``spans[s]`` (when not
+    None) keeps only the answer tokens ``[start, end)`` of sequence ``s``."""
     from vpgea.logprobs import token_logprobs
 
-    rows = (batch.roles == ROLE_ANSWER).nonzero()[:, 0]
+    is_ans = batch.roles == ROLE_ANSWER
+    if spans is not None and any(sp is not None for sp in spans):
+        # offset of each answer token within its sequence's answer (answer tokens are contiguous, in order)
+        first = torch.full((batch.num_seqs,), batch.num_tokens, dtype=torch.int64)
+        pos = torch.arange(batch.num_tokens)
+        first.scatter_reduce_(0, batch.seq_idx[is_ans], pos[is_ans], reduce="amin")
+        offset = pos - first[batch.seq_idx]
+        lo = torch.tensor([sp[0] if sp is not None else 0 for sp in spans])[batch.seq_idx]
+        hi = torch.tensor([sp[1] if sp is not None else batch.num_tokens for sp in spans])[batch.seq_idx]
+        is_ans = is_ans & (offset >= lo) & (offset < hi)
+    rows = is_ans.nonzero()[:, 0]
     sums = torch.zeros(batch.num_seqs, dtype=torch.float64)
     if rows.numel():
         dev = hidden.device
@@ -164,7 +177,7 @@ def update(ctx: StepContext, groups: list[Group], scale: float) -> StepStats:
         pairs = mb if mb is not None else []
         part = [seqs[q][j] for q, j in pairs] or [_DUMMY]
         batch = pack_sequences([s.prompt for s in part], [s.completion for s in part], [s.answer for s in part])
-        head = _TrainHead(ctx, groups, weights, need_u, pairs, batch, scale)
+        head = _TrainHead(ctx, groups, seqs, weights, need_u, pairs, batch, scale)
         with ctx.amp():
             loss = ctx.policy(batch, head=head)
         _backward(loss, head.any_weight, ctx.info)
@@ -186,9 +199,10 @@ class _TrainHead:
     the head weight gathered): ``U`` for groups still unweighed, then the per-row weights, then
     ``linear_logprob_loss`` over the completion and answer rows; keeps the per-sequence log-prob sums."""
 
-    def __init__(self, ctx, groups, weights, need_u, pairs, batch, scale):
+    def __init__(self, ctx, groups, seqs, weights, need_u, pairs, batch, scale):
         self.ctx, self.groups, self.weights, self.need_u = ctx, groups, weights, need_u
         self.pairs, self.batch, self.scale = pairs, batch, scale
+        self.spans = [seqs[q][j].u_span for q, j in pairs] or None
         self.any_weight = False
         self.train_tokens = 0
         self.comp_sums = self.ans_sums = None
@@ -199,7 +213,7 @@ class _TrainHead:
         ctx, batch, pairs = self.ctx, self.batch, self.pairs
         pending = sorted({q for q, _ in pairs if self.weights[q] is None})
         if pending:  # U of these groups' sequences from this forward (they are whole in this micro-batch)
-            sums = _answer_sums(ctx, batch, hidden, weight, bias)
+            sums = _answer_sums(ctx, batch, hidden, weight, bias, self.spans)
             pos = {pair: s for s, pair in enumerate(pairs)}
             for q in pending:
                 u = sums[[pos[(q, j)] for j in self.need_u[q]]]

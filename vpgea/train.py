@@ -56,12 +56,14 @@ def log(msg: str) -> None:
 
 @dataclasses.dataclass
 class Item:
-    """A prepared training question: token ids of both views and of the answer tail (stop token included)."""
+    """A prepared training question: token ids of both views and of the answer tail (stop token included), and the
+    span of the tail that U scores (``vpgea.prompts.answer_tail``)."""
 
     example: object
     student: list[int]
     teacher: list[int]
     tail: list[int]
+    u_span: tuple[int, int] = (0, 0)
 
 
 def prepare(cfg: TrainConfig, tokenizer, examples) -> tuple[list[Item], int]:
@@ -73,7 +75,8 @@ def prepare(cfg: TrainConfig, tokenizer, examples) -> tuple[list[Item], int]:
         if max(len(s), len(t)) > cfg.max_prompt_tokens:
             skipped += 1
             continue
-        items.append(Item(ex, s, t, answer_tail(cfg, tokenizer, ex.answer)))
+        tail, u_span = answer_tail(cfg, tokenizer, ex.answer)
+        items.append(Item(ex, s, t, tail, u_span))
     return items, skipped
 
 
