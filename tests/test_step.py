@@ -31,8 +31,9 @@ def test_per_step_losses_match_the_committed_golden_file(tmp_path):
     gold = json.loads(GOLDEN.read_text())
     for mode, sub in (("vpgea", "vpgea"), ("grpo-lp", "grpo_lp")):
         out = tmp_path / mode
-        # --u-tokens tail: U as it was scored when the file was recorded (the whole tail)
-        assert train.main([*gold["args"], "--mode", mode, "--u-tokens", "tail", "--output-dir", str(out)]) == 0
+        # As when the file was recorded: U over the whole tail, grpo-lp with GRPO's per-sequence token mean.
+        extra = ["--u-tokens", "tail"] if mode == "vpgea" else ["--normalize", "token"]
+        assert train.main([*gold["args"], "--mode", mode, *extra, "--output-dir", str(out)]) == 0
         rows = _metrics(out / sub / "metrics.jsonl")
         assert [r["step"] for r in rows] == [g["step"] for g in gold["steps"][mode]]
         for r, g in zip(rows, gold["steps"][mode]):

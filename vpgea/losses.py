@@ -35,7 +35,7 @@ from vpgea.kernels._utils import addmm_fp32_, mm_fp32
 from vpgea.logprobs import _bad_targets
 
 __all__ = ["vpgea_loss", "vpgea_loss_reference", "vpgea_loss_fused_linear", "linear_logprob_loss", "grpo_loss",
-           "NORMALIZE_MODES", "ROUTES"]
+           "path_coefficients", "NORMALIZE_MODES", "ROUTES"]
 
 NORMALIZE_MODES = ("sum", "token", "global-token")
 _NORMALIZE_CODES = {"sum": 0, "token": 1, "global-token": 2}
@@ -119,10 +119,25 @@ def _check_loss_inputs(teacher_logps, student_logps, advantages, cu_seqlens, bet
 
 
 def _scale(normalize: str, num_seqs: int, num_tokens: int) -> float:
-    """``c_i`` numerator: 1/S for "sum" and "token" (which divides by n_i too), 1/T for "global-token"."""
+    """``c_i`` numerator: 1/S for "sum" and "token" (which divides by n_i too), 1/T for "global-token". The kernels
+    (``vpgea/kernels/vpgea_loss.py``, ``csrc/vpgea_loss.cu``) take it with the mode's code and divide by ``n_i`` for
+    "token" themselves: the same rule as ``path_coefficients``."""
     if normalize == "global-token":
         return 1.0 / max(num_tokens, 1)
     return 1.0 / max(num_seqs, 1)
+
+
+def path_coefficients(normalize: str, lengths: torch.Tensor) -> torch.Tensor:
+    """The normaliser ``c_i`` of each path's summed log-likelihood (the one definition; see the module docstring):
+    ``1/S`` ("sum"), ``1/(S n_i)`` ("token"; an empty path weighs 0), ``1/T`` ("global-token"), for ``lengths [S]``
+    (the paths' token counts ``n_i``, ``T = sum n_i``). Returns ``[S]`` float32."""
+    if normalize not in NORMALIZE_MODES:
+        raise ValueError(f"normalize must be one of {NORMALIZE_MODES}, got {normalize!r}")
+    lengths = lengths.float()
+    c = torch.full_like(lengths, _scale(normalize, lengths.numel(), int(lengths.sum())))
+    if normalize == "token":
+        c = torch.where(lengths > 0, c / lengths.clamp(min=1.0), 0.0)
+    return c
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -154,11 +169,8 @@ def vpgea_loss_reference(
     zeros = teacher_logps.new_zeros(num_seqs, dtype=torch.float32)
     log_q = zeros.index_add(0, seg, teacher_logps.float())  # [S]
     log_pi = zeros.index_add(0, seg, student_logps.float())  # [S]
-    lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).float()
     adv = advantages.detach().float()
-    c = torch.full_like(adv, _scale(normalize, num_seqs, num_tokens))
-    if normalize == "token":
-        c = torch.where(lengths > 0, c / lengths.clamp(min=1.0), 0.0)
+    c = path_coefficients(normalize, (cu_seqlens[1:] - cu_seqlens[:-1]).to(adv.device))
     gate = adv > 0
     live = c != 0
     # `where` instead of multiplying by a zero weight: a -inf log-prob in a zero-weight path must not give NaN.
@@ -261,12 +273,9 @@ _SWEEP_CHUNK_BYTES = 1 << 30
 
 def _token_coefs(advantages, cu_seqlens, num_tokens: int, beta: float, normalize: str):
     """``(dL/dq [T], dL/dpi [T])`` fp32: the loss is linear in the log-probs, so these are known before any logit."""
-    num_seqs = advantages.numel()
     lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).long()
     adv = advantages.detach().float()
-    c = torch.full_like(adv, _scale(normalize, num_seqs, num_tokens))
-    if normalize == "token":
-        c = torch.where(lengths > 0, c / lengths.clamp(min=1).float(), 0.0)
+    c = path_coefficients(normalize, lengths.to(adv.device))
     per_seq_q = -c * adv
     per_seq_p = torch.where(adv > 0, -c * beta, 0.0)
     expand = lambda v: torch.repeat_interleave(v, lengths, output_size=num_tokens)  # noqa: E731

@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 import torch
 
 from vpgea import algorithm as alg
+from vpgea.losses import path_coefficients
 
 __all__ = ["Draw", "Group", "Method", "Sample", "Seq", "StepStats", "Weights", "make_method"]
 
@@ -276,14 +277,8 @@ class VPGEA(Method):
             post_correct=_correct(post),
         )
         # The normaliser c_i of vpgea.losses (one path's rows: z, plus the tail when it is trained on).
-        rows = torch.tensor([len(s.path) + (len(group.item.tail) if cfg.loss_on_tail else 0) for s in post],
-                            dtype=torch.float32)
-        if cfg.normalize == "sum":
-            c = torch.full((g,), 1.0 / g)
-        elif cfg.normalize == "token":
-            c = torch.where(rows > 0, 1.0 / (g * rows.clamp(min=1.0)), 0.0)
-        else:  # global-token
-            c = torch.full((g,), 1.0 / max(float(rows.sum()), 1.0))
+        rows = torch.tensor([len(s.path) + (len(group.item.tail) if cfg.loss_on_tail else 0) for s in post])
+        c = path_coefficients(cfg.normalize, rows)
         adv = sc.advantage
         w_teacher = -adv * c * scale
         w_student = torch.where(adv > 0, -cfg.beta * c * scale, 0.0)
@@ -344,8 +339,9 @@ class _StudentGroup(Method):
 
 
 class _GRPOFamily(_StudentGroup):
-    """GRPO on the student view with a per-sample reward: group z-scored advantages and the on-policy surrogate with
-    each sequence's token mean (GRPO's ``loss_type="grpo"``), i.e. weights ``-A_i / (n_i * group)``."""
+    """GRPO on the student view with a per-sample reward: group z-scored advantages and the on-policy surrogate
+    ``-sum_i c_i A_i log pi(y_i)`` with VPG-EA's sequence normaliser ``c_i`` (``--normalize``: "sum" is Dr. GRPO's
+    constant normaliser, "token" GRPO's per-sequence token mean)."""
 
     def rewards(self, group: Group) -> torch.Tensor:
         raise NotImplementedError
@@ -354,14 +350,17 @@ class _GRPOFamily(_StudentGroup):
         samples = self._samples(group)
         reward = self.rewards(group)
         adv = alg.group_advantages(reward)
-        n = torch.tensor([max(len(s.ids), 1) for s in samples], dtype=torch.float32)
-        w = -adv / (n * len(samples)) * scale
-        return Weights(completion=w, answer=torch.zeros_like(w), data={"reward": reward, "adv": adv})
+        # The same sequence normaliser as VPG-EA's (--normalize): the comparison differs in the reward only.
+        c = path_coefficients(self.cfg.normalize, torch.tensor([len(s.ids) for s in samples]))
+        w = -adv * c * scale
+        return Weights(completion=w, answer=torch.zeros_like(w), data={"reward": reward, "adv": adv, "c": c})
 
     def finish(self, group, w, completion_sums, answer_sums) -> StepStats:
-        adv = w.data["adv"]
+        adv, c = w.data["adv"], w.data["c"]
         st = self._base_stats(group)
-        st.loss = float(-adv.mean()) if adv.numel() else 0.0  # the surrogate's value at ratio 1
+        # The surrogate's value at ratio 1: sum_i c_i (-A_i) n_i (each token's term is -A_i).
+        n = torch.tensor([len(s.ids) for s in self._samples(group)], dtype=torch.float64)
+        st.loss = float((c.double() * -adv.double() * n).sum())
         st.reward = float(w.data["reward"].mean())
         return st
 
