@@ -11,6 +11,7 @@
 #   bash benchmarks/gpu_session.sh token     # token_logprobs vs eager, compile, F.linear_cross_entropy, Liger, CCE, TRL
 #   bash benchmarks/gpu_session.sh losses    # fused VPG-EA loss, FusedLinearGRPOLoss vs Liger, loss reduction
 #   bash benchmarks/gpu_session.sh packed    # packed vs padded training step on a 1.5B-shaped model
+#   bash benchmarks/gpu_session.sh step      # one VPG-EA step by stage (generate, score, train), both loss routes
 #   bash benchmarks/gpu_session.sh compile   # token_logprobs inside torch.compile (inductor) fwd+bwd
 #
 # Outputs go under $OUT (or ./gpu_out): env.txt, summary.txt, tests.log and gpu.tar (every log and the result tables,
@@ -34,7 +35,7 @@ fi
 export PYTHONPATH=$PWD:${PYTHONPATH:-}
 export VPGEA_BENCH_RESULTS=$work/results
 t_start=$(date +%s)
-budget_all=${ALL_BUDGET_S:-470}
+budget_all=${ALL_BUDGET_S:-480}
 
 pack() {  # refresh $out/gpu.tar with every log and table so far
   tar -C "$work" -cf "$out/gpu.tar.tmp" . 2>/dev/null && mv "$out/gpu.tar.tmp" "$out/gpu.tar"
@@ -77,7 +78,8 @@ cuda_tests() {
   local xdist=()
   if python3 -c "import xdist" 2>/dev/null; then xdist=(-n "${VPGEA_TEST_WORKERS:-8}" --dist loadfile); fi
   local files=${VPGEA_GPU_TEST_FILES:-tests/test_token_logprobs.py tests/test_losses.py tests/test_grpo.py \
-    tests/test_policy.py tests/test_packing.py tests/test_kernels_compile.py tests/test_train.py tests/test_engine.py}
+    tests/test_policy.py tests/test_packing.py tests/test_kernels_compile.py tests/test_train.py tests/test_engine.py \
+    tests/test_step.py tests/test_integrations_trl.py tests/test_integrations_verl.py tests/test_integrations_openrlhf.py}
   # shellcheck disable=SC2086
   VPGEA_TEST_NVCC=1 python3 -m pytest -q -rs -p no:cacheprovider "${xdist[@]}" $files
 }
@@ -115,9 +117,9 @@ fi
 status=0
 case $what in
   all)
-    run_section tests "$(cap ${TESTS_S:-140})" cuda_tests || status=1
+    run_section tests "$(cap ${TESTS_S:-130})" cuda_tests || status=1
     cp "$work/tests.log" "$out/tests.log" 2>/dev/null
-    for s in ${VPGEA_GPU_SECTIONS:-token:150 losses:75 packed:60 compile:25}; do
+    for s in ${VPGEA_GPU_SECTIONS:-token:120 losses:60 step:80 packed:50 compile:20}; do
       name=${s%%:*}; want=${s##*:}
       b=$(cap "$want")
       if [ "$b" -lt 20 ]; then note "== $name: not run (session budget spent)"; continue; fi
@@ -125,6 +127,7 @@ case $what in
         token) run_section token "$b" bench test_bench_token_logprobs.py || status=1 ;;
         losses) run_section losses "$b" bench test_bench_losses.py || status=1 ;;
         packed) run_section packed "$b" bench test_bench_packed.py || status=1 ;;
+        step) run_section step "$b" bench test_bench_step.py || status=1 ;;
         compile) run_section compile "$b" compile_check || status=1 ;;
       esac
     done ;;
@@ -132,8 +135,9 @@ case $what in
   token) run_section token 560 bench test_bench_token_logprobs.py || status=1 ;;
   losses) run_section losses 560 bench test_bench_losses.py || status=1 ;;
   packed) run_section packed 560 bench test_bench_packed.py || status=1 ;;
+  step) run_section step 560 bench test_bench_step.py || status=1 ;;
   compile) run_section compile 300 compile_check || status=1 ;;
-  *) echo "unknown mode $what (all | tests | token | losses | packed | compile)"; exit 2 ;;
+  *) echo "unknown mode $what (all | tests | token | losses | packed | step | compile)"; exit 2 ;;
 esac
 cp "$work/ext_build.log" "$work/results/" 2>/dev/null
 pack

@@ -116,56 +116,6 @@ def _skip_if_deadline_took_all(rows: list[dict]) -> None:
 
 
 @requires_cuda
-def test_bench_grpo_loss():
-    dtype = torch.bfloat16
-    rows = []
-    providers, skipped = _grpo_providers()
-    full, half = GRPO_B * GRPO_T, GRPO_B * GRPO_T // 2
-
-    def save():  # after every row: a run cut short still leaves its table
-        by = {(r["provider"], r["unmasked"]): r for r in rows if "fwd_bwd_ms" in r}
-        for r in rows:
-            mine = by.get(("vpgea", r["unmasked"]))
-            if mine and "fwd_bwd_ms" in r and r["provider"] != "vpgea":
-                r["vpgea_speedup"] = r["fwd_bwd_ms"] / mine["fwd_bwd_ms"]
-                r["vpgea_mem_ratio"] = mine["peak_extra_mib"] / max(r["peak_extra_mib"], 1e-9)
-            if r["unmasked"] == half and (r["provider"], full) in by and "fwd_bwd_ms" in r:
-                r["time_vs_unmasked_run"] = r["fwd_bwd_ms"] / by[(r["provider"], full)]["fwd_bwd_ms"]
-        return write_results(
-            "grpo_loss", rows,
-            meta=dict(dtype="bf16", D=D, V=V, options=str(GRPO_OPTS), memory=MEMORY, skipped=skipped or "none",
-                      targets=">= 3x faster than Liger at <= its peak memory; half the tokens masked: ~0.5x time"),
-        )
-
-    for masked_frac in (0.0, 0.5):
-        x, w, ids, mask, adv, old, ref = _grpo_inputs(GRPO_B, GRPO_T, D, V, dtype, "cuda", masked_frac)
-        base = dict(model=MODEL, B=GRPO_B, T=GRPO_T, unmasked=int(mask.sum()))
-        for name, fn in providers.items():
-            xr = x.detach().clone().requires_grad_()
-            wr = w.detach().clone().requires_grad_()
-
-            def step(fn=fn, xr=xr, wr=wr, ids=ids, mask=mask, adv=adv, ref=ref, old=old):
-                clear_grads(xr, wr)
-                loss, _ = fn(xr, wr, ids, mask, adv, None, ref, old)
-                loss.backward()
-                return loss
-
-            def run(step=step, xr=xr, wr=wr, n=base["unmasked"]):
-                loss = step().item()
-                ms, mem = _measure(step, (xr, wr))
-                return dict(fwd_bwd_ms=ms, peak_extra_mib=mem / 2**20, loss=loss, tokens_per_s=n / (ms * 1e-3))
-
-            _try(rows, base, name, run)
-            del xr, wr, step, run
-            save()
-        del x, w
-        torch.cuda.empty_cache()
-    print(save().read_text())
-    _skip_if_deadline_took_all(rows)
-    assert any(r["provider"] == "vpgea" and r["unmasked"] == full and "fwd_bwd_ms" in r for r in rows)
-
-
-@requires_cuda
 def test_bench_vpgea_fused_linear():
     dtype = torch.bfloat16
     t = N // 2
@@ -219,6 +169,56 @@ def test_bench_vpgea_fused_linear():
     print(save().read_text())
     _skip_if_deadline_took_all(rows)
     assert any(r["provider"] == "vpgea-triton" and "fwd_bwd_ms" in r for r in rows)
+
+
+@requires_cuda
+def test_bench_grpo_loss():
+    dtype = torch.bfloat16
+    rows = []
+    providers, skipped = _grpo_providers()
+    full, half = GRPO_B * GRPO_T, GRPO_B * GRPO_T // 2
+
+    def save():  # after every row: a run cut short still leaves its table
+        by = {(r["provider"], r["unmasked"]): r for r in rows if "fwd_bwd_ms" in r}
+        for r in rows:
+            mine = by.get(("vpgea", r["unmasked"]))
+            if mine and "fwd_bwd_ms" in r and r["provider"] != "vpgea":
+                r["vpgea_speedup"] = r["fwd_bwd_ms"] / mine["fwd_bwd_ms"]
+                r["vpgea_mem_ratio"] = mine["peak_extra_mib"] / max(r["peak_extra_mib"], 1e-9)
+            if r["unmasked"] == half and (r["provider"], full) in by and "fwd_bwd_ms" in r:
+                r["time_vs_unmasked_run"] = r["fwd_bwd_ms"] / by[(r["provider"], full)]["fwd_bwd_ms"]
+        return write_results(
+            "grpo_loss", rows,
+            meta=dict(dtype="bf16", D=D, V=V, options=str(GRPO_OPTS), memory=MEMORY, skipped=skipped or "none",
+                      targets=">= 3x faster than Liger at <= its peak memory; half the tokens masked: ~0.5x time"),
+        )
+
+    for masked_frac in (0.0, 0.5):
+        x, w, ids, mask, adv, old, ref = _grpo_inputs(GRPO_B, GRPO_T, D, V, dtype, "cuda", masked_frac)
+        base = dict(model=MODEL, B=GRPO_B, T=GRPO_T, unmasked=int(mask.sum()))
+        for name, fn in providers.items():
+            xr = x.detach().clone().requires_grad_()
+            wr = w.detach().clone().requires_grad_()
+
+            def step(fn=fn, xr=xr, wr=wr, ids=ids, mask=mask, adv=adv, ref=ref, old=old):
+                clear_grads(xr, wr)
+                loss, _ = fn(xr, wr, ids, mask, adv, None, ref, old)
+                loss.backward()
+                return loss
+
+            def run(step=step, xr=xr, wr=wr, n=base["unmasked"]):
+                loss = step().item()
+                ms, mem = _measure(step, (xr, wr))
+                return dict(fwd_bwd_ms=ms, peak_extra_mib=mem / 2**20, loss=loss, tokens_per_s=n / (ms * 1e-3))
+
+            _try(rows, base, name, run)
+            del xr, wr, step, run
+            save()
+        del x, w
+        torch.cuda.empty_cache()
+    print(save().read_text())
+    _skip_if_deadline_took_all(rows)
+    assert any(r["provider"] == "vpgea" and r["unmasked"] == full and "fwd_bwd_ms" in r for r in rows)
 
 
 @requires_cuda
