@@ -33,7 +33,7 @@ def test_bad_files(tmp_path):
     with pytest.raises(ValueError, match=r"bad\.jsonl:2: not valid JSON"):
         load_jsonl_dataset(f)
     f.write_text('{"problem": "1+1", "answer": "2"}\n{"problem": "x"}\n')
-    with pytest.raises(ValueError, match=r"bad\.jsonl:2: missing or empty field 'answer'"):
+    with pytest.raises(ValueError, match=r"bad\.jsonl:2: missing field 'answer'"):
         load_jsonl_dataset(f)
     f.write_text('{"question": "q", "answer": "so 3\\n#### 3"}\n{"question": "q2", "answer": "no marker"}\n')
     with pytest.raises(ValueError, match=r"bad\.jsonl:2: GSM8K"):

@@ -1,6 +1,12 @@
-"""Training configuration: one dataclass, named presets (functions returning a config) and CLI overrides.
+"""Training configuration: one dataclass, named presets (functions returning a config), config files and CLI overrides.
 
-Every field's docstring is its ``--help`` text (read from this file's source), so the two cannot drift apart.
+Every field's docstring is its ``--help`` text (read from this file's source), so the two cannot drift apart; the help
+shows each field's real default (and the presets' values where they differ).
+
+Where a value comes from, last wins: the dataclass default, the preset (``--preset``, or a ``preset:`` key in the
+config file, or ``toy`` when no model is given), the config file (``--config FILE``, YAML or JSON, keys are field
+names), the command-line flags. The resolved config is written to ``<output_dir>/config.json`` when a run starts
+(:func:`save_config`), and ``--config <output_dir>/config.json`` reproduces it.
 """
 
 from __future__ import annotations
@@ -8,16 +14,33 @@ from __future__ import annotations
 import argparse
 import ast
 import dataclasses
+import difflib
 import functools
 import inspect
+import json
+import math
+import os
 import typing
 from dataclasses import dataclass
+from pathlib import Path
 
-__all__ = ["PRESETS", "TrainConfig", "parse_args", "preset_r1_distill_1p5b", "preset_r1_distill_7b", "preset_toy"]
+__all__ = [
+    "PRESETS",
+    "TrainConfig",
+    "config_dict",
+    "load_config_file",
+    "parse_args",
+    "preset_r1_distill_1p5b",
+    "preset_r1_distill_7b",
+    "preset_toy",
+    "save_config",
+]
 
 MODES = ("vpgea", "grpo-lp", "thinkprune", "l1-exact", "l1-max", "rft-shortest", "ibpo", "no-cross-view", "beta-0",
          "alpha-0")
 NORMALIZE = ("sum", "token", "global-token")
+REPORT_TO = ("none", "tensorboard", "wandb")
+CONFIG_FILE = "config.json"  # the resolved config, in the output directory
 
 
 @dataclass(kw_only=True, slots=True)
@@ -28,13 +51,18 @@ class TrainConfig:
     model: str | None = None
     """Local Hugging Face model directory (weights + tokenizer). None: the self-contained toy run."""
     train_data: str | None = None
-    """Training JSONL (GSM8K question/answer '#### n', MATH problem/answer, or see --question-field). None: toy task."""
+    """Training data: a .jsonl, .json or .parquet file or a saved Hugging Face dataset directory (GSM8K
+    question/answer '#### n', MATH problem/answer, verl prompt/reward_model.ground_truth, or see --question-field).
+    None: toy task."""
     question_field: str | None = None
-    """JSONL field holding the question (default: auto-detect)."""
+    """Field holding the question, a string or a list of chat messages; dotted for nested fields
+    (extra_info.question). None: the first of problem, question, prompt in the first record."""
     answer_field: str | None = None
-    """JSONL field holding the reference answer (default: auto-detect)."""
+    """Field holding the reference answer, a string or a number; dotted for nested fields. None: the first of answer,
+    reward_model.ground_truth in the first record."""
     eval_data: str | None = None
-    """JSONL evaluated before and after training (real runs; the toy run evaluates its own held-out split)."""
+    """Data evaluated before and after training, in any --train-data format (real runs; the toy run evaluates its own
+    held-out split)."""
     eval_limit: int | None = 200
     """Evaluate at most this many problems (None: all)."""
     eval_samples: int = 1
@@ -55,6 +83,16 @@ class TrainConfig:
     """Toy run only: after VPG-EA, also train grpo-lp from the same warm start on the same budget and compare."""
     resume: str | None = None
     """Checkpoint directory (checkpoint-<step>/) to continue from, with the same data order and RNG state."""
+    report_to: tuple[str, ...] = ()
+    """Where the metrics.jsonl scalars also go, from rank 0: "none", "tensorboard" (<output_dir>/tensorboard), "wandb"
+    (project $WANDB_PROJECT, default vpgea; WANDB_MODE=offline works without network); several allowed."""
+    run_name: str | None = None
+    """Run name for --report-to trackers (None: the output directory's name)."""
+    reward: str = "vpgea.rewards:math_correct"
+    """Correctness check, "module:function" or "path/to/file.py:function", called as fn(response, answer) or
+    fn(response, answer, record=row) and returning True/False; it grades rollouts (grpo-lp's reward, R without
+    cross-view validation, accuracy) and evaluation. vpgea.rewards:math_correct is math-verify on the last
+    \\boxed{}."""
 
     # --- algorithm ---
     max_steps: int = 200
@@ -102,11 +140,13 @@ class TrainConfig:
     instruction: str = "Please reason step by step, and put your final answer within \\boxed{}."
     """Instruction appended to each question (both views)."""
     student_template: str = "{question}\n{instruction}"
-    """User message of the student view S(x). Fields: {question}, {instruction}."""
+    """User message of the student view S(x). Fields: {question}, {instruction}. A chat-message question: {question}
+    is its last user message's content; the messages before it (system prompt, earlier turns) come first, as given."""
     teacher_template: str = (
         "{question}\n{instruction}\nThe reference answer is {answer}. Explain the most direct reasoning that reaches it."
     )
-    """User message of the teacher view T(x, y*). Fields: {question}, {instruction}, {answer}."""
+    """User message of the teacher view T(x, y*). Fields: {question}, {instruction}, {answer} (chat messages: as for
+    --student-template)."""
     answer_tail: str = "\\boxed{{{answer}}}"
     """Answer tail a(y*) appended after a path (format string with {answer}); the stop token follows it."""
     answer_marker: str = "\\boxed{"
@@ -193,6 +233,15 @@ class TrainConfig:
         need(bool(self.answer_marker), "answer_marker must not be empty")
         need((self.model is None) == (self.train_data is None) or self.model is not None,
              "--train-data needs --model (the toy run generates its own data)")
+        # --report-to: a string (a config file's `report_to: wandb`) is one tracker; "none" alone means no tracker.
+        report = (self.report_to,) if isinstance(self.report_to, str) else tuple(self.report_to)
+        bad = [r for r in report if r not in REPORT_TO]
+        need(not bad, f"report_to must be among {REPORT_TO}, got {bad[0] if bad else ''!r}")
+        need("none" not in report or len(set(report)) == 1,
+             f"report_to 'none' cannot be combined with others: {report}")
+        self.report_to = tuple(dict.fromkeys(r for r in report if r != "none"))
+        need(isinstance(self.reward, str) and ":" in self.reward,
+             f"reward must be 'module:function' or 'path/to/file.py:function', got {self.reward!r}")
 
     @property
     def is_toy(self) -> bool:
@@ -275,42 +324,219 @@ def field_docs(cls=TrainConfig) -> dict[str, str]:
     return docs
 
 
+def _show(value) -> str:
+    """A default as the user would type it."""
+    if isinstance(value, tuple):
+        return " ".join(str(v) for v in value) or "none"
+    if isinstance(value, str):  # as typed in single quotes: one backslash, a newline as \n
+        return "'" + value.replace("\n", "\\n") + "'"
+    return str(value)
+
+
+@functools.cache
+def _defaults_help() -> dict[str, str]:
+    """``(default: X; presets: toy Y, ...)`` per field: the dataclass default and each preset that changes it."""
+    base = TrainConfig()
+    presets = {name: fn() for name, fn in PRESETS.items()}
+    out = {}
+    for f in dataclasses.fields(TrainConfig):
+        text = f"default: {_show(getattr(base, f.name))}"
+        diff = [f"{name} {_show(getattr(c, f.name))}" for name, c in presets.items()
+                if getattr(c, f.name) != getattr(base, f.name)]
+        if diff:
+            text += "; presets: " + ", ".join(diff)
+        out[f.name] = f"({text})"
+    return out
+
+
+_CHOICES = {"mode": MODES, "engine": ("hf", "vllm"), "normalize": NORMALIZE, "report_to": REPORT_TO}
+
+
+def _flag_kind(name: str):
+    """(base type, nargs) of a field's flag: bool, a scalar, a fixed tuple (nargs=n) or a variadic tuple ("+")."""
+    kind = typing.get_type_hints(TrainConfig)[name]
+    args = typing.get_args(kind)
+    if kind is bool:
+        return bool, None
+    if typing.get_origin(kind) is tuple:
+        if len(args) == 2 and args[1] is Ellipsis:
+            return args[0], "+"
+        return (args[0] if args else float), (len(args) or 2)
+    return (next((a for a in args if a is not type(None)), kind) if args else kind), None
+
+
 def _parser() -> argparse.ArgumentParser:
+    # Every flag defaults to SUPPRESS, so the namespace holds exactly the flags given: they override the preset and
+    # the config file. The real defaults are written into the help text (argparse would show None).
     p = argparse.ArgumentParser(
         prog="python -m vpgea.train",
         description="VPG-EA trainer. With no arguments: the self-contained toy run on CPU (warm start, evaluation, "
-        "VPG-EA training, the grpo-lp baseline on the same budget, summary.json).",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        "VPG-EA training, the grpo-lp baseline on the same budget, summary.json). Values, last wins: defaults, "
+        "--preset (toy when no --model), --config FILE, flags.",
+        argument_default=argparse.SUPPRESS,
     )
-    p.add_argument("--preset", choices=sorted(PRESETS), default=None,
+    p.add_argument("--config", metavar="FILE",
+                   help="YAML (.yaml/.yml) or JSON (.json) file of settings, keyed by field name (group_size or "
+                   "group-size; 'preset' allowed); flags override it. A run's output_dir/config.json is one.")
+    p.add_argument("--preset", choices=sorted(PRESETS),
                    help="Named setup to start from (default: toy without --model, else plain defaults); "
-                   "later flags override it.")
+                   "the config file and flags override it.")
     docs = field_docs()
-    hints = typing.get_type_hints(TrainConfig)
+    defaults = _defaults_help()
     for f in dataclasses.fields(TrainConfig):
         flag = "--" + f.name.replace("_", "-")
-        kind = hints[f.name]
-        help_text = docs.get(f.name, "")
-        if kind is bool:
-            p.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None, help=help_text)
-            continue
-        args = typing.get_args(kind)
-        if typing.get_origin(kind) is tuple:
-            p.add_argument(flag, dest=f.name, type=args[0] if args else float, nargs=len(args) or 2,
-                           default=None, metavar="X", help=help_text)
-            continue
-        base = next((a for a in args if a is not type(None)), kind) if args else kind
-        p.add_argument(flag, dest=f.name, type=base, default=None, help=help_text)
+        base, nargs = _flag_kind(f.name)
+        help_text = f"{docs.get(f.name, '')} {defaults[f.name]}".replace("%", "%%")
+        if base is bool:
+            p.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, help=help_text)
+        elif nargs is None:
+            p.add_argument(flag, dest=f.name, type=base, choices=_CHOICES.get(f.name), help=help_text)
+        else:
+            p.add_argument(flag, dest=f.name, type=base, nargs=nargs, choices=_CHOICES.get(f.name),
+                           metavar=None if f.name in _CHOICES else "X", help=help_text)
     return p
 
 
+# --- config files ---------------------------------------------------------------------------------------------------
+
+
+def _coerce(kind, value, where: str):
+    """``value`` from a config file as a value of the field type ``kind``; ValueError naming ``where`` otherwise.
+    Nothing is stringified: a string field needs a string. A float field also takes a numeric string, because YAML
+    1.1 reads ``1e-6`` (no dot) as one."""
+
+    def bad(expected: str):
+        return ValueError(f"{where}: expected {expected}, got {value!r} ({type(value).__name__})")
+
+    args = typing.get_args(kind)
+    if args and type(None) in args and typing.get_origin(kind) is not tuple:  # X | None
+        if value is None:
+            return None
+        kind = next(a for a in args if a is not type(None))
+        args = typing.get_args(kind)
+    if typing.get_origin(kind) is tuple:
+        if len(args) == 2 and args[1] is Ellipsis:  # tuple[str, ...]: one item or a list
+            items = [value] if isinstance(value, str) else value
+            if not isinstance(items, (list, tuple)):
+                raise bad(f"a {args[0].__name__} or a list of them")
+            return tuple(_coerce(args[0], v, where) for v in items)
+        if not isinstance(value, (list, tuple)) or len(value) != len(args):
+            raise bad(f"a list of {len(args)} numbers")
+        return tuple(_coerce(a, v, where) for a, v in zip(args, value))
+    if kind is bool:
+        if not isinstance(value, bool):
+            raise bad("true or false")
+        return value
+    if kind is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise bad("an integer")
+        return value
+    if kind is float:
+        if isinstance(value, str):
+            try:
+                number = float(value)
+            except ValueError:
+                raise bad("a number") from None
+        elif isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise bad("a number")
+        else:
+            number = float(value)
+        if not math.isfinite(number):  # YAML's .nan / .inf: no setting means anything by them
+            raise bad("a finite number")
+        return number
+    if kind is str:
+        if not isinstance(value, str):
+            raise bad("a string")
+        return value
+    raise TypeError(f"{where}: unsupported field type {kind}")  # pragma: no cover - a new field type
+
+
+def load_config_file(path: str | os.PathLike) -> dict:
+    """A YAML or JSON config file as ``{field name: value}`` (plus ``"preset"`` if it names one).
+
+    Keys are TrainConfig field names, with ``_`` or ``-`` (``group_size`` or ``group-size``); values have the field's
+    type (a list for ``adam_betas``; a string or a list for ``report_to``). Raises FileNotFoundError for a missing file
+    and ValueError naming the file (and the line for a syntax error, the key for a bad entry) otherwise.
+    """
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"--config {path}: file not found")
+    suffix = p.suffix.lower()
+    if suffix not in (".yaml", ".yml", ".json"):
+        raise ValueError(f"--config {path}: expected a .yaml, .yml or .json file, got {p.suffix or 'no suffix'!r}")
+    try:
+        text = p.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+    if suffix == ".json":
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}:{e.lineno}: not valid JSON ({e.msg} at column {e.colno})") from None
+    else:
+        import yaml
+
+        try:
+            data = yaml.safe_load(text)
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None)
+            line = f":{mark.line + 1}" if mark is not None else ""
+            raise ValueError(f"{path}{line}: not valid YAML ({getattr(e, 'problem', None) or e})") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: expected a mapping of settings (key: value), got {type(data).__name__}")
+    hints = typing.get_type_hints(TrainConfig)
+    out: dict = {}
+    for key, value in data.items():
+        name = str(key).replace("-", "_")
+        if name in out:
+            raise ValueError(f"{path}: {key!r} is given twice (as {name!r} and {name.replace('_', '-')!r})")
+        if name == "preset":
+            if value not in PRESETS:
+                raise ValueError(f"{path}: preset: expected one of {sorted(PRESETS)}, got {value!r}")
+            out[name] = value
+            continue
+        if name not in hints:
+            close = difflib.get_close_matches(name, list(hints) + ["preset"], n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise ValueError(f"{path}: unknown setting {key!r}{hint}; `python -m vpgea.train --help` lists them")
+        out[name] = _coerce(hints[name], value, f"{path}: {key}")
+    return out
+
+
+def config_dict(cfg: TrainConfig) -> dict:
+    """The resolved config as JSON-ready plain data (tuples become lists)."""
+    return json.loads(json.dumps(dataclasses.asdict(cfg)))
+
+
+def save_config(cfg: TrainConfig, output_dir: str | os.PathLike) -> Path:
+    """Write the resolved config to ``output_dir/config.json`` (atomically); ``--config`` reads it back to the same
+    config. Returns the path."""
+    out = Path(output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / CONFIG_FILE
+    tmp = out / f".{CONFIG_FILE}.tmp-{os.getpid()}"
+    tmp.write_text(json.dumps(config_dict(cfg), indent=2) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+    return path
+
+
 def parse_args(argv: list[str] | None = None) -> TrainConfig:
-    """Command line -> TrainConfig: the preset (explicit, or toy when no --model is given), then the flags."""
+    """Command line -> TrainConfig: the preset (explicit, from the config file, or toy when no model is given), then
+    the config file's values, then the flags. Raises FileNotFoundError / ValueError for a bad config file or value."""
     ns = vars(_parser().parse_args(argv))
-    preset = ns.pop("preset")
-    overrides = {k: (tuple(v) if isinstance(v, list) else v) for k, v in ns.items() if v is not None}
-    if preset is None:
-        preset = "toy" if overrides.get("model") is None else None
-    if preset is None:
-        return TrainConfig(**overrides)
-    return PRESETS[preset](**overrides)
+    config_file = ns.pop("config", None)
+    preset = ns.pop("preset", None)
+    values = load_config_file(config_file) if config_file is not None else {}
+    preset = preset or values.pop("preset", None)
+    values.pop("preset", None)
+    values.update({k: (tuple(v) if isinstance(v, list) else v) for k, v in ns.items()})
+    if preset is None and values.get("model") is None:
+        preset = "toy"
+    try:
+        return PRESETS[preset](**values) if preset is not None else TrainConfig(**values)
+    except ValueError as e:
+        if config_file is None:
+            raise
+        raise ValueError(f"{e} (settings from --config {config_file} and the command line)") from None

@@ -80,6 +80,7 @@ def generate_records(
     seed: int = 0,
     progress: bool = False,
     shard: tuple[int, int] = (0, 1),
+    grade: Callable[[str, Example], bool] | None = None,
 ) -> list[dict]:
     """Generate ``samples`` responses per example, grade them, and return one record per response.
 
@@ -87,14 +88,16 @@ def generate_records(
     batch size or on how the problems are split. ``shard=(rank, world)`` keeps the problems with ``i % world == rank``
     (data-parallel evaluation; gather the records and call :func:`summarize`). With ``results_path`` every record is
     appended there as JSON as soon as its batch is done; ``resume=True`` first reads the records already there and
-    skips those (problem, sample) pairs. Returns the records of this shard, the resumed ones included.
+    skips those (problem, sample) pairs. ``grade(response, example)`` decides correctness (a ``vpgea.rewards.Reward``,
+    the ``--reward`` hook); default: math-verify on the last ``\\boxed{}``. Returns the records of this shard, the
+    resumed ones included.
     """
     if samples < 1:
         raise ValueError(f"samples must be >= 1, got {samples}")
     if not examples:
         raise ValueError("evaluate: no examples")
     rank, world = shard
-    prompt_fn = prompt_fn or (lambda ex: build_prompt(tokenizer, ex.question))
+    prompt_fn = prompt_fn or (lambda ex: build_prompt(tokenizer, ex.question, history=ex.history))
     records: list[dict] = []
     out_f = None
     if results_path is not None:
@@ -121,9 +124,10 @@ def generate_records(
             for (i, s), out in zip(chunk, outs):
                 text = tokenizer.decode(out.token_ids, skip_special_tokens=True)
                 pred = extract_answer(text)
+                correct = grade(text, examples[i]) if grade is not None else is_correct(pred, examples[i].answer)
                 rec = {
                     "problem": i, "sample": s, "source": examples[i].source, "gold": examples[i].answer,
-                    "response": text, "extracted": pred, "correct": is_correct(pred, examples[i].answer),
+                    "response": text, "extracted": pred, "correct": correct,
                     "num_tokens": len(out.token_ids), "finish_reason": out.finish_reason,
                 }
                 records.append(rec)
@@ -157,7 +161,9 @@ def evaluate(engine, tokenizer, examples: list[Example], **kw) -> dict:
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m vpgea.eval", description=__doc__.splitlines()[0])
     p.add_argument("--model", required=True, help="local Hugging Face model directory (with its tokenizer)")
-    p.add_argument("--data", required=True, nargs="+", help="JSONL files (GSM8K, MATH-500, AIME, AMC, or custom)")
+    p.add_argument("--data", required=True, nargs="+",
+                   help=".jsonl / .json / .parquet files or saved dataset directories (GSM8K, MATH-500, AIME, AMC, "
+                   "verl parquet, or custom fields)")
     p.add_argument("--samples", type=int, default=1, help="responses per problem (ACC averages over them)")
     p.add_argument("--max-new-tokens", type=int, default=4096, help="generation length limit per response")
     p.add_argument("--temperature", type=float, default=0.0, help="sampling temperature (0 = greedy)")
@@ -167,8 +173,11 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--engine", choices=("hf", "vllm"), default="hf", help="rollout engine")
     p.add_argument("--output", default="eval_results.json",
                    help="summary JSON; responses go to <output stem>.<dataset>.responses.jsonl beside it")
-    p.add_argument("--question-field", default=None, help="question field name for custom JSONL")
-    p.add_argument("--answer-field", default=None, help="answer field name for custom JSONL")
+    p.add_argument("--question-field", default=None,
+                   help="question field (dotted for nested: extra_info.question; a string or chat messages)")
+    p.add_argument("--answer-field", default=None, help="answer field (dotted for nested: reward_model.ground_truth)")
+    p.add_argument("--reward", default="vpgea.rewards:math_correct",
+                   help="correctness check, module:function or file.py:function (see vpgea.rewards)")
     p.add_argument("--resume", action="store_true", help="continue an interrupted evaluation from its JSONL files")
     p.add_argument("--seed", type=int, default=0, help="sampling seed")
     p.add_argument("--device", default=None, help="torch device for the hf engine (default: cuda if available)")
@@ -203,6 +212,9 @@ def _load_model_and_tokenizer(path: str, device: str | None, dtype: str | None, 
 def _run(args: argparse.Namespace) -> int:
     from vpgea.engines import make_engine
 
+    from vpgea.rewards import load_reward
+
+    grade = load_reward(args.reward)  # issue 18: imported and checked before any data or model is read
     datasets = {}
     for f in args.data:  # read every file before any generation: a typo fails in seconds, not hours
         datasets[Path(f).stem] = load_jsonl_dataset(f, question_field=args.question_field,
@@ -217,7 +229,7 @@ def _run(args: argparse.Namespace) -> int:
         res = evaluate(engine, tokenizer, examples, samples=args.samples, max_new_tokens=args.max_new_tokens,
                        temperature=args.temperature, top_p=args.top_p, batch_size=args.batch_size,
                        results_path=out.with_name(f"{out.stem}.{name}.responses.jsonl"), resume=args.resume,
-                       seed=args.seed, progress=True)
+                       seed=args.seed, progress=True, grade=grade)
         results["datasets"][name] = res
         out.write_text(json.dumps(results, indent=2) + "\n")  # after each data set: nothing finished is lost
     print(f"{'dataset':<20} {'ACC':>7} {'A.Tok':>9} {'eps3':>10} {'Tok ok':>8} {'Tok bad':>8} {'no-ans':>7}")

@@ -420,7 +420,9 @@ class L1(_GRPOFamily):
         from vpgea.prompts import student_prompt
 
         extra = self.cfg.l1_prompt.format(target=self.target(group))
-        return student_prompt(self.cfg, self.tokenizer, group.item.example.question, extra=extra)
+        ex = group.item.example
+        history = getattr(ex, "history", ())  # a chat-message question's earlier messages (issue 18)
+        return student_prompt(self.cfg, self.tokenizer, ex.question, extra=extra, history=history)
 
     def rewards(self, group: Group) -> torch.Tensor:
         samples = self._samples(group)

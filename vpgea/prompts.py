@@ -3,6 +3,9 @@
 A view's user message is a template (``TrainConfig.student_template`` / ``teacher_template``) formatted with the
 question, the instruction and, for the teacher view, the reference answer; it is chat-templated when the tokenizer has
 a chat template (generation prompt added) and tokenised without adding special tokens a second time.
+
+A chat-message question (``Example.history`` not empty, see ``vpgea.data``): the template formats the content of its
+last user message, and the messages before it (a system prompt, earlier turns) are rendered first, unchanged.
 """
 
 from __future__ import annotations
@@ -10,14 +13,18 @@ from __future__ import annotations
 __all__ = ["encode_user", "student_prompt", "teacher_prompt", "answer_tail"]
 
 
-def encode_user(tokenizer, content: str) -> list[int]:
-    """Chat-template a single user message (generation prompt added) and tokenize it without extra specials; a
-    tokenizer without a chat template tokenizes the text as it is."""
+def encode_user(tokenizer, content: str, history=()) -> list[int]:
+    """Chat-template a user message after ``history`` (a chat-message example's earlier messages; generation prompt
+    added) and tokenize it without extra specials; a tokenizer without a chat template tokenizes the text as it is
+    (``history`` must then be empty: ValueError)."""
+    from vpgea.data import chat_messages, no_chat_template_error
+
     if getattr(tokenizer, "chat_template", None):
-        text = tokenizer.apply_chat_template(
-            [{"role": "user", "content": content}], tokenize=False, add_generation_prompt=True
-        )
+        text = tokenizer.apply_chat_template(chat_messages(content, history), tokenize=False,
+                                             add_generation_prompt=True)
         return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+    if history:
+        raise no_chat_template_error(tokenizer)
     return list(tokenizer(content)["input_ids"])
 
 
@@ -25,16 +32,17 @@ def _with_extra(content: str, extra: str | None) -> str:
     return content if not extra else f"{content}\n{extra}"
 
 
-def student_prompt(cfg, tokenizer, question: str, *, extra: str | None = None) -> list[int]:
-    """Token ids of the student view S(x); ``extra`` is a line appended to the message (L1's length target)."""
+def student_prompt(cfg, tokenizer, question: str, *, extra: str | None = None, history=()) -> list[int]:
+    """Token ids of the student view S(x); ``extra`` is a line appended to the message (L1's length target),
+    ``history`` the example's earlier chat messages."""
     content = cfg.student_template.format(question=question, instruction=cfg.instruction)
-    return encode_user(tokenizer, _with_extra(content, extra))
+    return encode_user(tokenizer, _with_extra(content, extra), history)
 
 
-def teacher_prompt(cfg, tokenizer, question: str, answer: str, *, extra: str | None = None) -> list[int]:
+def teacher_prompt(cfg, tokenizer, question: str, answer: str, *, extra: str | None = None, history=()) -> list[int]:
     """Token ids of the teacher view T(x, y*): the student's message with the reference answer as a hint."""
     content = cfg.teacher_template.format(question=question, instruction=cfg.instruction, answer=answer)
-    return encode_user(tokenizer, _with_extra(content, extra))
+    return encode_user(tokenizer, _with_extra(content, extra), history)
 
 
 def answer_tail(cfg, tokenizer, answer: str) -> tuple[list[int], tuple[int, int]]:

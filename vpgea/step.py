@@ -54,12 +54,13 @@ def rollouts(ctx: StepContext, batch: list, positions: list[int]) -> tuple[list[
     ``batch``: this rank's questions (``vpgea.train.Item``); ``positions``: their places in the step's global batch,
     which name the seeds, so a question's rollouts are the same on whichever rank draws them.
     Returns the groups and the number of generated tokens."""
-    from vpgea.grading import extract_answer, is_correct
+    from vpgea.rewards import load_reward
 
     cfg, tok, method = ctx.cfg, ctx.tokenizer, ctx.method
+    grade = load_reward(cfg.reward)  # issue 18: the --reward check (cached; imported and checked at start-up)
     method.begin_step(ctx.step)
     groups = [Group(index=j, item=it) for it, j in zip(batch, positions)]
-    prompts, seeds, owners, golds = [], [], [], []
+    prompts, seeds, owners, examples = [], [], [], []
     for d in method.draws():
         for g in groups:
             g.samples[d.tag] = []
@@ -68,18 +69,17 @@ def rollouts(ctx: StepContext, batch: list, positions: list[int]) -> tuple[list[
                 prompts.append(prompt)
                 seeds.append(derive_seed(cfg.seed, ctx.step, g.index, d.tag, k))
                 owners.append(g.samples[d.tag])
-                golds.append(g.item.example.answer)
+                examples.append(g.item.example)
     ctx.engine.wake()
     outs = ctx.engine.generate(prompts, max_new_tokens=method.max_new_tokens(), temperature=cfg.temperature,
                                top_p=cfg.top_p, seed=seeds)
     ctx.engine.sleep()
     decode = lambda ids: tok.decode(ids, skip_special_tokens=False)  # noqa: E731
-    for out, owner, gold in zip(outs, owners, golds):
+    for out, owner, example in zip(outs, owners, examples):
         ids = list(out.token_ids)
         body = ids[:-1] if out.finish_reason == "stop" and ids else ids
         path = body[: alg.split_at_marker(body, decode, cfg.answer_marker)]
-        pred = extract_answer(tok.decode(ids, skip_special_tokens=True))
-        owner.append(Sample(ids, path, bool(is_correct(pred, gold))))
+        owner.append(Sample(ids, path, grade(tok.decode(ids, skip_special_tokens=True), example)))
     return groups, sum(len(o.token_ids) for o in outs)
 
 

@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from vpgea.checkpoint import capture_rng, load_optimizer_state, load_trainer_state, restore_rng, save_checkpoint
-from vpgea.config import TrainConfig, parse_args
+from vpgea.config import TrainConfig, parse_args, save_config
 from vpgea.distributed import (
     DistInfo,
     all_ranks_agree,
@@ -38,6 +38,7 @@ from vpgea.distributed import (
 from vpgea.methods import make_method
 from vpgea.prompts import answer_tail, student_prompt, teacher_prompt
 from vpgea.step import StepContext, rollouts, score, update
+from vpgea.tracking import check_report_to, open_tracker
 
 __all__ = ["main", "train"]
 
@@ -70,8 +71,9 @@ def prepare(cfg: TrainConfig, tokenizer, examples) -> tuple[list[Item], int]:
     """Tokenize both views and the tail. Returns (items, skipped): prompts over ``max_prompt_tokens`` are skipped."""
     items, skipped = [], 0
     for ex in examples:
-        s = student_prompt(cfg, tokenizer, ex.question)
-        t = teacher_prompt(cfg, tokenizer, ex.question, ex.answer)
+        history = getattr(ex, "history", ())  # issue 18: a chat-message question's earlier messages
+        s = student_prompt(cfg, tokenizer, ex.question, history=history)
+        t = teacher_prompt(cfg, tokenizer, ex.question, ex.answer, history=history)
         if max(len(s), len(t)) > cfg.max_prompt_tokens:
             skipped += 1
             continue
@@ -187,7 +189,8 @@ def train(cfg: TrainConfig, policy, tokenizer, items: list[Item], out_dir: Path,
     bar = tqdm(range(start, cfg.max_steps), initial=start, total=cfg.max_steps, desc=cfg.mode, file=sys.stderr,
                dynamic_ncols=True, disable=None if info.is_main else True)
     mfile = open(metrics_path, "a") if info.is_main else contextlib.nullcontext()
-    with _Stop() as stop, mfile:
+    tracker = open_tracker(cfg, out_dir, enabled=info.is_main, resume_step=start)  # issue 18: --report-to
+    with _Stop() as stop, mfile, tracker:
         for step in bar:
             t0 = time.perf_counter()
             ctx.step = step
@@ -221,6 +224,7 @@ def train(cfg: TrainConfig, policy, tokenizer, items: list[Item], out_dir: Path,
             if info.is_main:
                 mfile.write(json.dumps(last) + "\n")
                 mfile.flush()
+                tracker.log(last)  # issue 18: the same record to TensorBoard / W&B
                 if last["no_pass_questions"]:
                     bar.write(f"step {step + 1}: {last['no_pass_questions']}/{n_q} questions had no posterior path "
                               "passing cross-view validation (zero advantages)")
@@ -255,10 +259,15 @@ def evaluate(cfg: TrainConfig, engine, tokenizer, examples, results_path: Path |
     rank returns the summary."""
     from vpgea.eval import generate_records, summarize
 
+    from vpgea.rewards import load_reward
+
     info = info or DistInfo()
+    # issue 18: chat-message examples keep their earlier messages; responses are graded by --reward
     kw = dict(samples=cfg.eval_samples, max_new_tokens=cfg.max_new_tokens, temperature=cfg.eval_temperature,
-              batch_size=cfg.rollout_batch_size, prompt_fn=lambda ex: student_prompt(cfg, tokenizer, ex.question),
-              seed=cfg.seed, shard=(info.rank, info.world_size))
+              batch_size=cfg.rollout_batch_size,
+              prompt_fn=lambda ex: student_prompt(cfg, tokenizer, ex.question,
+                                                  history=getattr(ex, "history", ())),
+              seed=cfg.seed, shard=(info.rank, info.world_size), grade=load_reward(cfg.reward))
     part = results_path
     if info.enabled and results_path is not None:
         part = results_path.with_name(f"{results_path.stem}.rank{info.rank}.jsonl")
@@ -422,8 +431,23 @@ def run_real(cfg: TrainConfig, info: DistInfo) -> dict:
     return summary
 
 
+def startup_checks(cfg: TrainConfig) -> None:
+    """issue 18: what can fail fast, before any model or data is loaded: the --report-to packages, the --reward
+    function (imported and its signature checked). ValueError with the reason."""
+    from vpgea.rewards import load_reward
+
+    check_report_to(cfg.report_to)
+    load_reward(cfg.reward)
+
+
 def main(argv: list[str] | None = None) -> int:
-    cfg = parse_args(argv)
+    # issue 18: a bad config file or value, a missing tracker package or a bad --reward exits 2 before any model loads
+    try:
+        cfg = parse_args(argv)
+        startup_checks(cfg)
+    except (FileNotFoundError, ValueError) as e:
+        log(f"error: {e}")
+        return 2
     if cfg.engine == "vllm":
         import importlib.util
 
@@ -434,6 +458,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     info = init_distributed(None if cfg.device == "auto" else cfg.device)
     where = f"rank {info.rank}: " if info.enabled else ""
+    if info.is_main:
+        save_config(cfg, cfg.output_dir)  # issue 18: the resolved config as <output_dir>/config.json
     if not info.is_main:
         from transformers.utils import logging as hf_logging
 
