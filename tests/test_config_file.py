@@ -31,6 +31,8 @@ def test_precedence_defaults_preset_file_flags(tmp_path):
     cfg = parse_args(["--config", str(j)])
     assert cfg.eval_limit is None and cfg.report_to == ("tensorboard", "wandb") and cfg.lr == 3e-5
     assert parse_args(["--report-to", "none"]).report_to == ()
+    f.write_text("report_to: null\n")
+    assert parse_args(["--config", str(f)]).report_to == ()
 
 
 @pytest.mark.parametrize("text,match", [

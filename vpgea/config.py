@@ -415,8 +415,8 @@ def _coerce(kind, value, where: str):
         kind = next(a for a in args if a is not type(None))
         args = typing.get_args(kind)
     if typing.get_origin(kind) is tuple:
-        if len(args) == 2 and args[1] is Ellipsis:  # tuple[str, ...]: one item or a list
-            items = [value] if isinstance(value, str) else value
+        if len(args) == 2 and args[1] is Ellipsis:  # tuple[str, ...]: one item, a list, or null for none
+            items = [value] if isinstance(value, str) else [] if value is None else value
             if not isinstance(items, (list, tuple)):
                 raise bad(f"a {args[0].__name__} or a list of them")
             return tuple(_coerce(args[0], v, where) for v in items)
