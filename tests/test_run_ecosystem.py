@@ -3,6 +3,7 @@ prompts), TensorBoard logging, a pluggable reward; the resolved config.json; eva
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -116,6 +117,11 @@ def test_chat_prompts_use_the_chat_template(tiny_model_dir, tmp_path):
 
     assert item.student == chat("3 +4")
     assert item.teacher == chat("3 +4 hint 7")
+    # A method that builds its own prompt (L1's length target line) keeps the earlier messages too.
+    from vpgea.methods import Group, make_method
+
+    l1 = make_method(dataclasses.replace(cfg, mode="l1-exact", l1_prompt="check {target}", l1_range=(3, 3)), tok)
+    assert l1.prompt(Group(index=0, item=item), l1.draws()[0]) == chat("3 +4\ncheck 3")
     tok.chat_template = None  # no template: a conversation with a system message cannot be rendered
     with pytest.raises(ValueError, match="no chat template"):
         train.prepare(cfg, tok, [ex])

@@ -90,9 +90,9 @@ class TrainConfig:
     """Run name for --report-to trackers (None: the output directory's name)."""
     reward: str = "vpgea.rewards:math_correct"
     """Correctness check, "module:function" or "path/to/file.py:function", called as fn(response, answer) or
-    fn(response, answer, record=row) and returning True/False; it grades rollouts (grpo-lp's reward, R without
-    cross-view validation, accuracy) and evaluation. vpgea.rewards:math_correct is math-verify on the last
-    \\boxed{}."""
+    fn(response, answer, record=row) and returning True/False: the correctness of rollouts (every baseline's reward
+    or selection, R in no-cross-view, accuracy) and of evaluation responses. vpgea.rewards:math_correct is
+    math-verify on the last \\boxed{}."""
 
     # --- algorithm ---
     max_steps: int = 200

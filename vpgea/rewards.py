@@ -11,9 +11,10 @@ called once per sampled response::
 cases in another column. It returns True / False (1 / 0 are accepted). The default, :func:`math_correct`, extracts the
 last ``\\boxed{}`` and compares it with math-verify.
 
-What it decides: the rule-checked correctness of a rollout (grpo-lp's reward, R in the ``--no-cross-view`` ablation,
-the logged accuracies) and of an evaluation response (ACC). VPG-EA's cross-view score U and the length baselines keep
-using the reference answer's tokens, whatever the hook.
+What it decides: the rule-checked correctness of each rollout (the reward or selection of every baseline mode:
+grpo-lp, thinkprune, l1-exact / l1-max, rft-shortest, ibpo; R in the ``no-cross-view`` ablation; the logged
+accuracies) and of each evaluation response (ACC). The reference answer still goes where it went, whatever the hook:
+into the teacher view, into the answer tail a(y*) and so VPG-EA's cross-view score U, and to the hook as ``answer``.
 
 :func:`load_reward` imports and checks the function when the run starts, so a typo fails in seconds.
 """
