@@ -349,7 +349,8 @@ def _defaults_help() -> dict[str, str]:
     return out
 
 
-_CHOICES = {"mode": MODES, "engine": ("hf", "vllm"), "normalize": NORMALIZE, "report_to": REPORT_TO}
+_CHOICES = {"mode": MODES, "engine": ("hf", "vllm"), "normalize": NORMALIZE, "report_to": REPORT_TO,
+            "loss_route": ("sweep", "two-pass"), "u_tokens": ("answer", "tail")}
 
 
 def _flag_kind(name: str):
