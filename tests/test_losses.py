@@ -280,7 +280,7 @@ def test_fused_linear_grad_in_forward_matches(impl, normalize, monkeypatch):
     # The one-sweep variant (gradients computed in the forward) against the two-pass path: same loss, metrics and
     # gradients, with ignored rows, a bias, a temperature and an upstream gradient other than 1; 7 rows per chunk
     # (9 chunks over the 2T = 60 rows), through the Triton lse/dz row kernel except for impl="torch".
-    import vpgea.losses as L
+    import vpgea.logprobs as L
 
     monkeypatch.setattr(L, "_SWEEP_CHUNK_BYTES", 7 * 4 * 157)
     torch.manual_seed(12)
@@ -370,7 +370,7 @@ def test_more_than_int32_tokens_is_an_error():
 def test_grad_in_forward_under_no_grad_computes_no_gradient(monkeypatch):
     # Under torch.no_grad the one-sweep variant must not pay for gradients it will never return: one GEMM per
     # chunk (the logits), not three, and no [V, D] gradient buffer.
-    import vpgea.losses as L
+    import vpgea.logprobs as L
 
     calls = []
     real = L.mm_fp32
@@ -478,8 +478,8 @@ def test_linear_logprob_loss_matches_float64(impl, route, dtype, monkeypatch):
     # L = sum_t c_t log p(y_t | h_t) against float64 autograd: odd shapes, a bias, a temperature, ignored rows, zero
     # coefficients; several row chunks for the sweep. Tolerance: twice PyTorch's own error in the same dtype (eager
     # logits in that dtype, fp32 log-softmax) plus a floor of a few fp32 ulps of the largest value.
-    import vpgea.losses as L
-    from vpgea.losses import linear_logprob_loss
+    import vpgea.logprobs as L
+    from vpgea.logprobs import linear_logprob_loss
 
     monkeypatch.setattr(L, "_SWEEP_CHUNK_BYTES", 5 * 4 * 211)  # 5 rows per chunk
     g = torch.Generator().manual_seed(21)
@@ -520,7 +520,7 @@ def test_linear_logprob_loss_matches_float64(impl, route, dtype, monkeypatch):
 
 
 def test_linear_logprob_loss_routes_agree_and_refuse_bad_input():
-    from vpgea.losses import linear_logprob_loss
+    from vpgea.logprobs import linear_logprob_loss
 
     h, w = torch.randn(9, 16, device=DEVICE), torch.randn(31, 16, device=DEVICE)
     y = torch.randint(0, 31, (9,), device=DEVICE)

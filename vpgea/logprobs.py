@@ -26,7 +26,10 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["token_logprobs", "token_logprob_stats", "top_k_top_p_support", "STATS"]
+from vpgea.kernels._utils import addmm_fp32_, mm_fp32
+
+__all__ = ["token_logprobs", "token_logprob_stats", "top_k_top_p_support", "linear_logprob_loss", "bad_targets",
+           "ROUTES", "STATS"]
 
 _IMPLS = ("auto", "triton", "torch")
 _FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -117,7 +120,7 @@ def _check_inputs(hidden, weight, targets, bias, temperature, impl, logit_scale=
 def _check_target_range(targets: torch.Tensor, vocab: int, ignore_index: int, temp: torch.Tensor | None) -> None:
     # Data-dependent checks sync the device; under torch.compile they are skipped. Nothing is then read out of bounds
     # (the kernels only compare a target with column indices; the reference clamps before its gather), and a bad
-    # target's log-prob comes out NaN (``_bad_targets``), so the error still shows instead of a plausible number.
+    # target's log-prob comes out NaN (``bad_targets``), so the error still shows instead of a plausible number.
     if torch.compiler.is_compiling():
         return
     bad = ((targets < 0) | (targets >= vocab)) & (targets != ignore_index)
@@ -157,7 +160,7 @@ def _check_support(support: torch.Tensor, targets: torch.Tensor, vocab: int, ign
         )
 
 
-def _bad_targets(targets: torch.Tensor, vocab: int, ignore_index: int) -> torch.Tensor:
+def bad_targets(targets: torch.Tensor, vocab: int, ignore_index: int) -> torch.Tensor:
     """``[N]`` bool: targets outside ``[0, vocab)`` that are not ``ignore_index``."""
     return ((targets < 0) | (targets >= vocab)) & (targets != ignore_index)
 
@@ -183,13 +186,13 @@ def _transform(raw: torch.Tensor, inv_t: torch.Tensor, logit_scale: float, softc
 
 def _ref_chunk(h, weight, bias, y, inv_t, params: _Params):
     """Transformed fp32 logits ``[n, V]`` of one chunk, ``dz/draw``, the valid-row mask and the targets made safe to
-    gather (ignored and out-of-range ones point at column 0; ``_bad_targets`` marks the latter)."""
+    gather (ignored and out-of-range ones point at column 0; ``bad_targets`` marks the latter)."""
     logits = (h @ weight.t()).float()
     if bias is not None:
         logits = logits + bias.float()
     logits, dz_draw = _transform(logits, inv_t, params.logit_scale, params.softcap)
     valid = y != params.ignore_index
-    safe = valid & ~_bad_targets(y, weight.shape[0], params.ignore_index)
+    safe = valid & ~bad_targets(y, weight.shape[0], params.ignore_index)
     return logits, dz_draw, valid, torch.where(safe, y, torch.zeros_like(y))
 
 
@@ -205,7 +208,7 @@ class _TorchTokenLogprobs(torch.autograd.Function):
                                              inv_temp[i : i + step], params)
             lse = torch.logsumexp(logits, dim=-1)
             lp = logits.gather(1, y[:, None])[:, 0] - lse
-            lp = torch.where(_bad_targets(targets[i : i + step], weight.shape[0], params.ignore_index), torch.nan, lp)
+            lp = torch.where(bad_targets(targets[i : i + step], weight.shape[0], params.ignore_index), torch.nan, lp)
             logp[i : i + step] = torch.where(valid, lp, 0.0)
             if params.with_entropy:
                 p = torch.softmax(logits, dim=-1)
@@ -283,7 +286,7 @@ def _triton_fwd(
         softcap=softcap or None,
     )
     valid = targets != ignore_index
-    logp = torch.where(_bad_targets(targets, weight.shape[0], ignore_index), torch.nan, tgt_logit - lse)
+    logp = torch.where(bad_targets(targets, weight.shape[0], ignore_index), torch.nan, tgt_logit - lse)
     logp = torch.where(valid, logp, 0.0)
     if with_entropy:
         ent = torch.where(valid, ent, 0.0)
@@ -702,3 +705,184 @@ def token_logprob_stats(
             if "is_top1" in stats:
                 out["is_top1"][sl] = valid & (z.argmax(dim=-1) == yc)
     return {k: out[k].reshape(targets.shape) for k in stats}
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# the "known dL/dlog-prob" op: a loss linear in the log-probs, with the head gradient in the same sweep
+
+
+# Rows per chunk of the one-sweep route: its fp32 [rows, V] logits block stays under this many bytes (1 GiB:
+# 1765 rows at V = 152k). Larger chunks amortise the fp32 dW read-modify-write (one per chunk, 2.2 GB at the 7B
+# head); on an H200 the sweep took 126 / 117 / 98 ms at 512 / 1024 / 2048 rows (benchmarks/NOTES.md, v2).
+_SWEEP_CHUNK_BYTES = 1 << 30
+
+
+@torch.library.custom_op("vpgea::logprobs_dlogits_rows", mutates_args=())
+def _rows_op(
+    logits: torch.Tensor, bias: torch.Tensor | None, targets: torch.Tensor, coef: torch.Tensor, inv_temp: float,
+    dz_dtype: torch.dtype,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(logp [R] fp32, dz [R, V] dz_dtype)`` of an fp32 logits block through the Triton row kernel (a custom op, so
+    torch.compile treats the launch as one opaque call)."""
+    from vpgea.kernels.token_logprobs import logprobs_dlogits_rows
+
+    dz = torch.empty(logits.shape, device=logits.device, dtype=dz_dtype)
+    return logprobs_dlogits_rows(logits, bias, targets, coef, inv_temp, dz), dz
+
+
+@_rows_op.register_fake
+def _(logits, bias, targets, coef, inv_temp, dz_dtype):
+    return logits.new_empty(logits.shape[0]), logits.new_empty(logits.shape, dtype=dz_dtype)
+
+
+@dataclass(frozen=True)
+class _SweepParams:
+    inv_temp: float
+    ignore_index: int
+    row_kernel: bool  # the Triton lse/dz kernel over each logits block (else torch ops)
+    grad_enabled: bool  # grad mode at the call: under no_grad no gradient is produced (needs_input_grad ignores it)
+
+
+def _linear_terms(coefs: torch.Tensor, logp: torch.Tensor) -> torch.Tensor:
+    """``sum coefs * logp`` where a zero coefficient contributes exactly 0 (a -inf log-prob must not make it NaN),
+    while a NaN log-prob (a bad target under torch.compile) still makes the sum NaN."""
+    terms = torch.where(coefs != 0, coefs * logp, 0.0).sum()
+    return terms + torch.where(torch.isnan(logp).any(), float("nan"), 0.0)
+
+
+class _LinearSweep(torch.autograd.Function):
+    """``(hidden [N, D], weight [V, D], bias [V] | None, targets [N], coefs [N] fp32) -> (loss, logp [N])``, with
+    ``loss = sum_t coefs_t logp_t`` and ``logp`` fp32 (not differentiable: the gradient flows through ``loss``).
+
+    One sweep over row chunks: fp32 logits of the chunk (``[rows, V]``, cuBLAS), the log-sum-exp and log-probs, and at
+    once ``dz = coef (onehot - softmax) / temperature``, ``dh = dz @ W``, ``dW += dz.T @ h``: three GEMMs per chunk
+    instead of the four of a forward plus a backward that recomputes the logits. The backward only scales the stored
+    gradients by the incoming one.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, targets, coefs, params: _SweepParams):
+        rows_total, dim = hidden.shape
+        vocab = weight.shape[0]
+        need_h = params.grad_enabled and ctx.needs_input_grad[0]
+        need_w = params.grad_enabled and ctx.needs_input_grad[1]
+        need_b = params.grad_enabled and bias is not None and ctx.needs_input_grad[2]
+        need_any = need_h or need_w or need_b
+        logp = hidden.new_empty(rows_total, dtype=torch.float32)
+        dh = torch.empty_like(hidden) if need_h else None
+        dw = torch.zeros(vocab, dim, device=weight.device, dtype=torch.float32) if need_w else None
+        db = torch.zeros(vocab, device=weight.device, dtype=torch.float32) if need_b else None
+        step = max(1, _SWEEP_CHUNK_BYTES // (4 * max(vocab, 1)))
+        inv_t = params.inv_temp
+        for i in range(0, rows_total, step):
+            h = hidden[i : i + step]
+            y = targets[i : i + step]
+            bad = bad_targets(y, vocab, params.ignore_index)  # only under torch.compile (the eager check raises)
+            valid = (y != params.ignore_index) & ~bad
+            yc = torch.where(valid, y, 0)[:, None]  # never an out-of-range index into gather/scatter
+            g = torch.where(valid, coefs[i : i + step].float(), 0.0)[:, None]
+            z = mm_fp32(h, weight.t())  # [rows, V] fp32
+            dz = None
+            if params.row_kernel:
+                # One Triton kernel, two reads of the block: logp, and dz in the GEMM dtype (fp32 where the bias
+                # gradient sums it over rows).
+                lp, dz = _rows_op(z, bias, yc[:, 0], g[:, 0].contiguous(), inv_t,
+                                  torch.float32 if need_b else hidden.dtype)
+                logp[i : i + step] = torch.where(bad, float("nan"), torch.where(valid, lp, 0.0))
+                if need_b:
+                    db += dz.sum(0)
+                    dz = dz.to(hidden.dtype)
+            else:
+                if bias is not None:
+                    z += bias.float()
+                z *= inv_t
+                lse = torch.logsumexp(z, dim=-1, keepdim=True)
+                logp[i : i + step] = torch.where(bad, float("nan"),
+                                                 torch.where(valid, (z.gather(1, yc) - lse)[:, 0], 0.0))
+                if need_any:
+                    # z becomes dz in place: -g p, plus g at the target, times 1/temperature
+                    z.sub_(lse).exp_().mul_(-g)
+                    z.scatter_add_(1, yc, g)
+                    z.mul_(inv_t)
+                    if need_b:
+                        db += z.sum(0)
+                    dz = z.to(hidden.dtype)
+            del z
+            if need_h:
+                dh[i : i + step] = (mm_fp32(dz, weight)).to(hidden.dtype)
+            if need_w:
+                addmm_fp32_(dw, dz.t(), h)  # no [V, D] fp32 temporary where torch allows
+            del dz
+        ctx.save_for_backward(dh, dw.to(weight.dtype) if need_w else None, db.to(bias.dtype) if need_b else None)
+        ctx.mark_non_differentiable(logp)
+        return _linear_terms(coefs, logp), logp
+
+    @staticmethod
+    def backward(ctx, grad_loss, grad_logp):
+        dh, dw, db = ctx.saved_tensors
+        scale = lambda t: None if t is None else t * grad_loss.to(t.dtype)  # noqa: E731
+        return scale(dh), scale(dw), scale(db), None, None, None
+
+
+ROUTES = ("sweep", "two-pass")
+
+
+def linear_logprob_loss(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    coefs: torch.Tensor,
+    *,
+    bias: torch.Tensor | None = None,
+    temperature: float = 1.0,
+    ignore_index: int = -100,
+    route: str = "sweep",
+    impl: str = "auto",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The "known dL/dlog-prob" op: ``L = sum_t coefs_t log p(targets_t | hidden_t)`` for coefficients fixed before
+    the call. Every on-policy loss with one update per batch has this form once its advantages are known (VPG-EA's
+    two terms, GRPO's surrogate at ratio 1, weighted SFT); the trainer's training pass goes through it.
+
+    Args:
+        hidden: ``[N, D]`` (final norm applied); weight: ``[V, D]`` head; bias: ``[V]`` or None.
+        targets: ``[N]`` int64 in ``[0, V)`` or ``ignore_index``; coefs: ``[N]`` float, ``dL/dlogp`` of each row.
+        temperature: float > 0 (logits are divided by it).
+        route: ``"sweep"``: the hidden, head and bias gradients are produced while the log-probs are computed (three
+            GEMMs, fp32 logits of at most 1 GiB of rows at a time; the backward only scales them); ``"two-pass"``:
+            ``token_logprobs`` forward, logits recomputed in the backward (four GEMMs, a bounded workspace).
+        impl: as ``token_logprobs``; for the sweep, ``"torch"`` uses torch ops for the lse/dz step, anything else the
+            Triton row kernel where Triton runs.
+
+    Returns:
+        ``(loss, logps)``: the 0-d fp32 loss (differentiable) and the ``[N]`` fp32 log-probs (detached; 0 where the
+        target is ``ignore_index``). Both routes give the same loss and gradients up to fp32 rounding. Under
+        ``torch.autocast`` the inputs are cast to the autocast dtype first, as for ``token_logprobs``.
+    """
+    name = "linear_logprob_loss"
+    if route not in ROUTES:
+        raise ValueError(f"{name}: route must be one of {ROUTES}, got {route!r}")
+    if isinstance(temperature, torch.Tensor) or not float(temperature) > 0:
+        raise ValueError(f"{name}: temperature must be a float > 0, got {temperature!r}")
+    if hidden.dim() != 2 or targets.shape != hidden.shape[:1] or coefs.shape != hidden.shape[:1]:
+        raise ValueError(f"{name}: hidden must be [N, D] with targets and coefs [N]; got hidden "
+                         f"{tuple(hidden.shape)}, targets {tuple(targets.shape)}, coefs {tuple(coefs.shape)}")
+    (h, w, b), guard = autocast_inputs(hidden, weight, bias)
+    with guard or contextlib.nullcontext():
+        if route == "two-pass":
+            logp = token_logprobs(h, w, targets, bias=b, temperature=temperature, ignore_index=ignore_index,
+                                  impl=impl)
+            return _linear_terms(coefs.float(), logp), logp.detach()
+        if w.dim() != 2 or w.shape[1] != h.shape[1] or w.dtype != h.dtype:
+            raise ValueError(f"{name}: weight must be [V, D] with D = {h.shape[1]} and dtype {h.dtype}, got "
+                             f"{tuple(w.shape)} {w.dtype}")
+        if not torch.compiler.is_compiling():
+            bad = bad_targets(targets, w.shape[0], ignore_index)
+            if bool(bad.any()):
+                i = int(bad.nonzero()[0, 0])
+                raise ValueError(f"{name}: targets must be in [0, {w.shape[0]}) or ignore_index={ignore_index}; "
+                                 f"targets[{i}] = {int(targets[i])}")
+        from vpgea.kernels._utils import triton_runnable
+
+        params = _SweepParams(1.0 / float(temperature), ignore_index, impl != "torch" and triton_runnable(h.device),
+                              torch.is_grad_enabled())
+        return _LinearSweep.apply(h, w, b, targets.long(), coefs.float().contiguous(), params)

@@ -208,7 +208,7 @@ class _TrainHead:
         self.comp_sums = self.ans_sums = None
 
     def __call__(self, hidden, weight, bias):
-        from vpgea.losses import linear_logprob_loss
+        from vpgea.logprobs import linear_logprob_loss
 
         ctx, batch, pairs = self.ctx, self.batch, self.pairs
         pending = sorted({q for q, _ in pairs if self.weights[q] is None})
