@@ -272,8 +272,8 @@ def _sft(model, tokenizer, task: ToyTask, progress: bool) -> dict:
         sched = torch.optim.lr_scheduler.LambdaLR(
             opt, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(1.0, s / n))))
         model.train()
-        bar = tqdm(range(n), desc=f"warm start {done + n}/{task.sft_max_steps} steps max", file=sys.stderr,
-                   dynamic_ncols=True, disable=not progress, leave=False)
+        bar = tqdm(range(n), desc=f"warm start, round {done // n + 1} (at most {task.sft_max_steps // n})",
+                   file=sys.stderr, dynamic_ncols=True, disable=not progress, leave=False)
         for _ in bar:
             idx = torch.randint(len(seqs), (task.sft_batch_size,), generator=gen).tolist()
             T = max(len(seqs[i][0]) + len(seqs[i][1]) for i in idx)

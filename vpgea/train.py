@@ -285,7 +285,7 @@ def train(cfg: TrainConfig, policy, tokenizer, items: list[Item], out_dir: Path,
 
     last: dict = {}
     bar = tqdm(range(start, cfg.max_steps), initial=start, total=cfg.max_steps, desc=cfg.mode, file=sys.stderr,
-               dynamic_ncols=True, disable=None if info.is_main else True)
+               dynamic_ncols=True, disable=not info.is_main)
     mfile = open(metrics_path, "a") if info.is_main else contextlib.nullcontext()
     with _Stop() as stop, mfile:
         for step in bar:
