@@ -33,7 +33,6 @@ from vpgea.checkpoint import (
 )
 from vpgea.config import TrainConfig, check_resume, parse_args, saved_config
 from vpgea.data import read_jsonl_log
-from vpgea.rundir import atomic_write_text
 from vpgea.distributed import (
     DistInfo,
     all_ranks_agree,
@@ -48,6 +47,7 @@ from vpgea.distributed import (
     shutdown,
 )
 from vpgea.engines.base import derive_seed
+from vpgea.rundir import atomic_write_text
 
 __all__ = ["main", "train"]
 
@@ -442,7 +442,7 @@ def train(cfg: TrainConfig, policy, tokenizer, items: list[Item], out_dir: Path,
                 mfile.flush()
                 if last["no_pass_questions"]:
                     bar.write(f"step {step + 1}: {last['no_pass_questions']}/{n_q} questions had no posterior path "
-                              "passing cross-view validation (zero advantages)")
+                              "passing cross-view validation (zero advantages)", file=sys.stderr)
                 if (step + 1) % cfg.log_every == 0:
                     post_s = f" teacher {last['posterior_len']:5.1f}" if vpgea else ""
                     bar.set_postfix_str(f"loss {last['loss']:+.4f} | len student {last['prior_len']:5.1f}{post_s} | "
