@@ -17,7 +17,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 OURS = {"vpgea", "tests", "benchmarks"}  # the only root folders whose modules may be loaded from the checkout
 
-# What a run does first: import the stack and build and run a tiny Hugging Face model. Prints every loaded module's file.
+# What a run does first (import the stack, build and run a tiny Hugging Face model); then each loaded module's file.
 _PROBE = """
 import json, sys
 try:
@@ -38,8 +38,10 @@ def probe(root: Path) -> tuple[subprocess.CompletedProcess, dict[str, str]]:
     proc = subprocess.run([sys.executable, "-c", _PROBE], cwd=root, capture_output=True, text=True, timeout=300,
                           env=env)
     files = json.loads(proc.stdout.strip().splitlines()[-1])
-    # (torch.ops and torch.classes carry relative pseudo-paths, not files)
-    return proc, {k: f for k, f in files.items() if f and os.path.isabs(f) and Path(f).is_relative_to(root)}
+    # Relative pseudo-paths (torch.ops, torch.classes) are not files; installed packages are not the checkout's, even
+    # where the environment itself lives under the root (CI's .ci-venv).
+    return proc, {k: f for k, f in files.items() if f and os.path.isabs(f) and Path(f).is_relative_to(root)
+                  and not {"site-packages", "dist-packages"} & set(Path(f).parts)}
 
 
 def test_dependencies_load_nothing_from_the_checkout():

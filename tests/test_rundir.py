@@ -11,8 +11,8 @@ import pytest
 
 from vpgea.rundir import LOCK_FILE, RunLock, RunLocked, atomic_write_text, config_differences, describe_differences
 
-_HOLD = "import sys, time; from vpgea.rundir import RunLock; RunLock(sys.argv[1]).acquire(); print('held', flush=True); " \
-        "time.sleep(600)"
+_HOLD = ("import sys, time; from vpgea.rundir import RunLock; RunLock(sys.argv[1]).acquire(); "
+         "print('held', flush=True); time.sleep(600)")
 
 
 def _holder(directory):

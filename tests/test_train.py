@@ -11,9 +11,11 @@ import pytest
 from vpgea import toy, train
 from vpgea.config import TrainConfig, parse_args
 
-# Tiny settings: a 20-step warm start that is not held to an accuracy (cached per test session), 2 questions per step, short responses.
-TINY = ["--toy-sft-steps", "20", "--toy-min-accuracy", "0", "--questions-per-step", "2", "--group-size", "3", "--prior-samples", "2",
-        "--max-new-tokens", "24", "--eval-limit", "8", "--rollout-batch-size", "64", "--lr", "1e-4"]
+# Tiny settings: a 20-step warm start not held to an accuracy (cached per test session), 2 questions per step, short
+# responses.
+TINY = ["--toy-sft-steps", "20", "--toy-min-accuracy", "0", "--questions-per-step", "2", "--group-size", "3",
+        "--prior-samples", "2", "--max-new-tokens", "24", "--eval-limit", "8", "--rollout-batch-size", "64",
+        "--lr", "1e-4"]
 KEYS = ("step", "loss", "reward_mean", "prior_len", "posterior_len", "cross_view_pass", "gate_frac", "kl",
         "tokens_per_s", "step_time")
 

@@ -237,7 +237,8 @@ def _check_templates(cfg: TrainConfig) -> None:
     tail = _format_probe("answer_tail", cfg.answer_tail, ("answer",), ("answer",))
     if cfg.answer_marker not in tail[: tail.index(_PROBE["answer"])]:
         raise ValueError(f"config: answer_tail {cfg.answer_tail!r} must contain answer_marker {cfg.answer_marker!r} "
-                         "before the answer: a sampled path z ends where the marker starts, and the tail follows z in training")
+                         "before the answer: a sampled path z ends where the marker starts, and the tail follows z "
+                         "in training")
 
 
 def _check_device(device: str) -> None:

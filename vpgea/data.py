@@ -10,7 +10,8 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ["Example", "iter_jsonl", "read_jsonl_log", "load_jsonl_dataset", "build_prompt", "DEFAULT_INSTRUCTION", "gsm8k_final_answer"]
+__all__ = ["Example", "iter_jsonl", "read_jsonl_log", "load_jsonl_dataset", "build_prompt", "DEFAULT_INSTRUCTION",
+           "gsm8k_final_answer"]
 
 DEFAULT_INSTRUCTION = "Please reason step by step, and put your final answer within \\boxed{}."
 DEFAULT_HINT_TEMPLATE = (

@@ -263,9 +263,8 @@ def _check_resume(out: Path, settings: dict, allow: bool) -> None:
         warn(f"--resume: {out} records no settings to compare; continuing from the response files as they are")
         return
     changes, harmless = config_differences(saved, settings, harmless=_RESUME_HARMLESS, ignored=set())
-    flag = lambda name: "--" + name.replace("_", "-")  # noqa: E731
     if changes or (harmless and not allow):
-        what = describe_differences(changes + ([] if allow else harmless), flag).replace("checkpoint", "evaluation")
+        what = describe_differences(changes + ([] if allow else harmless), saved_in="the evaluation")
         hint = " (--allow-config-change accepts --engine, --device and --dtype)" if harmless and not allow else ""
         raise ValueError(f"--resume: {out} was started with other settings, and its responses would mix two "
                          f"evaluations: {what}{hint}. Use the same settings, or another --output without --resume")

@@ -108,6 +108,6 @@ def config_differences(saved: dict, new: dict, *, harmless: set[str], ignored: s
     return changes, soft
 
 
-def describe_differences(diffs: list, flag=lambda name: "--" + name.replace("_", "-")) -> str:
-    """``--seed: 0 in the checkpoint, 1 now; --lr: ...`` for a list of ``(name, saved, new)``."""
-    return "; ".join(f"{flag(n)}: {a!r} in the checkpoint, {b!r} now" for n, a, b in diffs)
+def describe_differences(diffs: list, saved_in: str = "the checkpoint") -> str:
+    """``--seed: 0 in the checkpoint, 1 now; --lr: ...`` for a list of ``(name, saved, new)`` (names as flags)."""
+    return "; ".join(f"--{n.replace('_', '-')}: {a!r} in {saved_in}, {b!r} now" for n, a, b in diffs)

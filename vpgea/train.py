@@ -24,7 +24,9 @@ import torch
 
 from vpgea import algorithm as alg
 from vpgea.checkpoint import (
+    CheckpointError,
     capture_rng,
+    latest_checkpoint,
     load_optimizer_state,
     load_trainer_state,
     recover_leftovers,
@@ -47,7 +49,8 @@ from vpgea.distributed import (
     shutdown,
 )
 from vpgea.engines.base import derive_seed
-from vpgea.rundir import atomic_write_text
+from vpgea.rundir import RunLock, RunLocked, atomic_write_text
+from vpgea.toy import WarmStartError
 
 __all__ = ["main", "train"]
 
@@ -672,8 +675,6 @@ def run_real(cfg: TrainConfig, info: DistInfo) -> dict:
 @contextlib.contextmanager
 def run_lock(cfg: TrainConfig, info: DistInfo):
     """Hold the output directory's run lock for the run (rank 0 takes it; every rank stops if it cannot)."""
-    from vpgea.rundir import RunLock, RunLocked
-
     lock, refused = None, None
     if info.is_main:
         try:
@@ -692,8 +693,6 @@ def run_lock(cfg: TrainConfig, info: DistInfo):
 
 def _where(cfg: TrainConfig, summary: dict) -> str:
     """Where the run wrote its summary and checkpoints."""
-    from vpgea.checkpoint import latest_checkpoint
-
     out = Path(cfg.output_dir)
     dirs = [out / k for k in ("vpgea", "grpo_lp") if k in summary] if cfg.is_toy else [out]
     ckpts = [str(c) for d in dirs if (c := latest_checkpoint(d)) is not None]
@@ -701,10 +700,6 @@ def _where(cfg: TrainConfig, summary: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from vpgea.checkpoint import CheckpointError
-    from vpgea.rundir import RunLocked
-    from vpgea.toy import WarmStartError
-
     try:
         cfg = parse_args(argv)
     except ValueError as e:  # argparse's own errors exit 2 with its usage line; config checks the same way
