@@ -28,14 +28,17 @@ def _has_cuda() -> bool:
 if not _has_cuda():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-# Copies of GSM8K, MATH-500, AIME 2024 and AMC 2023 sit in ../shared/data beside the checkout (never in the package).
-SHARED_DATA = _ROOT.parent / "shared" / "data"
+# Copies of GSM8K, MATH-500, AIME 2024 and AMC 2023 (gsm8k_test.jsonl, ...) are not shipped: the tests that read them
+# run when VPGEA_TEST_DATA names a folder holding them, and skip otherwise.
+SHARED_DATA = Path(os.environ["VPGEA_TEST_DATA"]) if os.environ.get("VPGEA_TEST_DATA") else None
 
 
 @pytest.fixture(scope="session")
 def shared_data() -> Path:
-    if not SHARED_DATA.is_dir():
-        pytest.skip(f"shared test data not found at {SHARED_DATA}")
+    if SHARED_DATA is None or not SHARED_DATA.is_dir():
+        pytest.skip("real data sets not available: set VPGEA_TEST_DATA to a folder with gsm8k_test.jsonl, "
+                    "math500_test.jsonl, aime24_test.jsonl and amc23_test.jsonl"
+                    + (f" ({SHARED_DATA} is not a folder)" if SHARED_DATA is not None else ""))
     return SHARED_DATA
 
 

@@ -19,9 +19,9 @@ pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="to
 
 _ROOT = Path(__file__).resolve().parents[1]
 # Four questions per step (two per rank), short responses, a tiny warm start; no grpo-lp baseline.
-ARGS = ["--toy-sft-steps", "20", "--questions-per-step", "4", "--group-size", "3", "--prior-samples", "2",
-        "--max-new-tokens", "24", "--eval-limit", "6", "--eval-samples", "1", "--rollout-batch-size", "64",
-        "--lr", "1e-3", "--no-baseline", "--device", "cpu"]
+ARGS = ["--toy-sft-steps", "20", "--toy-min-accuracy", "0", "--questions-per-step", "4", "--group-size", "3",
+        "--prior-samples", "2", "--max-new-tokens", "24", "--eval-limit", "6", "--eval-samples", "1",
+        "--rollout-batch-size", "64", "--lr", "1e-3", "--no-baseline", "--device", "cpu"]
 
 
 def _run(cmd: list[str], cache: Path, timeout: int = 300) -> subprocess.CompletedProcess:

@@ -195,3 +195,30 @@ def test_decode_dtype_replica_and_autocast(model):
     assert all(0 < len(o.token_ids) <= 6 for o in outs)
     with pytest.raises(ValueError, match="dtype must be a floating"):
         HFEngine(model, _Tok(), dtype=torch.int8)
+
+
+def test_decode_uses_the_cache_api_without_deprecation_warnings(model):
+    # transformers 5.25 renamed forward's `past_key_values` to `cache` (the old name warns, and goes in 5.40); 5.17
+    # and 4.x take `past_key_values`. The loop passes a DynamicCache under whichever name forward declares.
+    import warnings
+
+    from vpgea.engines.hf import _cache_keyword, new_kv_cache
+
+    class New:
+        def forward(self, input_ids, cache=None, use_cache=None): ...
+
+    class Old:
+        def forward(self, input_ids, past_key_values=None, use_cache=None): ...
+
+    assert _cache_keyword(New.forward) == "cache" and _cache_keyword(Old.forward) == "past_key_values"
+    (kw, cache), = new_kv_cache(model).items()
+    from transformers import DynamicCache
+
+    assert isinstance(cache, DynamicCache) and kw == _cache_keyword(type(model).forward)
+    eng = HFEngine(model, _Tok(), batch_size=4)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)
+        warnings.simplefilter("error", DeprecationWarning)
+        outs = eng.generate(PROMPTS, max_new_tokens=12, temperature=0.0)
+    for p, o in zip(PROMPTS, outs):
+        assert o.token_ids == _greedy_alone(model, p, 12)

@@ -159,3 +159,89 @@ def test_cli_bad_inputs(tiny_model_dir, tmp_path, capsys):
     if importlib.util.find_spec("vllm") is None:
         assert ev.main(["--model", str(tmp_path / "nope"), "--data", str(data), "--engine", "vllm"]) == 2
         assert "vllm package is not installed" in capsys.readouterr().err
+
+
+# --- hard edges of the command line ------------------------------------------------------------------------------
+
+
+def _toyset(path, n, seed=0):
+    from vpgea import toy
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps({"question": e.question, "answer": f"#### {e.answer}"}) + "\n"
+                            for e in toy.make_examples(n, seed=seed)))
+    return path
+
+
+def test_cli_files_sharing_a_stem_keep_both(tiny_model_dir, tmp_path, capsys):
+    from vpgea import eval as ev
+
+    a, b = _toyset(tmp_path / "a" / "test.jsonl", 2), _toyset(tmp_path / "b" / "test.jsonl", 3, seed=1)
+    out = tmp_path / "res" / "e.json"
+    common = ["--model", str(tiny_model_dir), "--max-new-tokens", "4", "--output", str(out)]
+    assert ev.main([*common, "--data", str(a), str(b)]) == 0
+    res = json.loads(out.read_text())["datasets"]
+    assert {k: v["num_problems"] for k, v in res.items()} == {"a-test": 2, "b-test": 3}
+    assert out.with_name("e.a-test.responses.jsonl").is_file() and out.with_name("e.b-test.responses.jsonl").is_file()
+    assert ev.main([*common, "--data", str(a), str(tmp_path / "a" / ".." / "a" / "test.jsonl")]) == 2
+    assert "given twice" in capsys.readouterr().err
+
+
+def test_cli_resume_refuses_other_settings(tiny_model_dir, tmp_path, capsys):
+    from vpgea import eval as ev
+
+    data = _toyset(tmp_path / "d.jsonl", 3)
+    out = tmp_path / "e.json"
+    common = ["--model", str(tiny_model_dir), "--data", str(data), "--max-new-tokens", "4", "--output", str(out)]
+    assert ev.main([*common, "--samples", "2", "--temperature", "1"]) == 0
+    before = out.with_name("e.d.responses.jsonl").read_text()
+    assert ev.main([*common, "--samples", "3", "--temperature", "1", "--seed", "5", "--resume"]) == 2
+    err = capsys.readouterr().err
+    assert "--samples: 2 in the evaluation, 3 now" in err and "--seed: 0 in the evaluation, 5 now" in err
+    assert out.with_name("e.d.responses.jsonl").read_text() == before  # nothing was touched
+    assert ev.main([*common, "--samples", "2", "--temperature", "1", "--device", "cpu", "--resume"]) == 2
+    assert "--allow-config-change" in capsys.readouterr().err
+    # Another batch size never changes a record; another device only with the flag.
+    assert ev.main([*common, "--samples", "2", "--temperature", "1", "--batch-size", "1", "--resume"]) == 0
+    assert ev.main([*common, "--samples", "2", "--temperature", "1", "--device", "cpu", "--resume",
+                    "--allow-config-change"]) == 0
+
+
+def test_cli_defaults_output_beside_the_model_and_fits_its_context(tiny_model_dir, tmp_path, monkeypatch, capsys):
+    from vpgea import eval as ev
+
+    data = _toyset(tmp_path / "d.jsonl", 1)
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    monkeypatch.chdir(cwd)
+    assert ev.main(["--model", str(tiny_model_dir), "--data", str(data)]) == 0
+    assert not list(cwd.iterdir())  # nothing written where the command ran
+    out = tiny_model_dir.parent / f"eval-{tiny_model_dir.name}.json"
+    res = json.loads(out.read_text())
+    err = capsys.readouterr().err
+    # The tiny model has 512 positions: the default 4096 new tokens would run past them.
+    assert "does not fit the model's context (512 positions" in err
+    assert res["max_new_tokens"] < 512 and res["datasets"]["d"]["num_responses"] == 1
+
+
+@pytest.mark.parametrize("args,expected", [
+    (["--temperature", "nan"], "--temperature must be a finite number >= 0 (0: greedy), got nan"),
+    (["--temperature", "inf"], "--temperature must be a finite number >= 0 (0: greedy), got inf"),
+    (["--temperature", "-1"], "--temperature must be a finite number >= 0 (0: greedy), got -1.0"),
+    (["--top-p", "0"], "--top-p must be in (0, 1], got 0.0"),
+    (["--samples", "0"], "--samples must be >= 1, got 0"),
+])
+def test_cli_bad_numbers(tmp_path, args, expected, capsys):
+    from vpgea import eval as ev
+
+    assert ev.main(["--model", str(tmp_path), "--data", str(tmp_path / "x.jsonl"), *args]) == 2
+    assert capsys.readouterr().err.strip() == f"error: {expected}"
+
+
+def test_cli_repeated_greedy_samples_warn(tiny_model_dir, tmp_path, capsys):
+    from vpgea import eval as ev
+
+    data = _toyset(tmp_path / "d.jsonl", 1)
+    assert ev.main(["--model", str(tiny_model_dir), "--data", str(data), "--samples", "2", "--max-new-tokens", "3",
+                    "--output", str(tmp_path / "e.json")]) == 0
+    assert "greedy decoding repeats the same response" in capsys.readouterr().err

@@ -76,10 +76,10 @@ def test_load_metrics_and_series(toy_run):
 
 
 def test_load_points(toy_run, eval_file):
-    assert plot.load_points(eval_file) == [("math500", 610.5, 0.72), ("gsm8k", 250.0, 0.9)]
+    assert plot.load_points(eval_file) == [("math500", 610.5, 0.72, None), ("gsm8k", 250.0, 0.9, None)]
     # summary.json: every key with acc and avg_tokens is a point; wall_time_s is not
-    assert plot.load_points(toy_run / "summary.json") == [("before", 120.0, 0.4), ("vpgea", 80.0, 0.7),
-                                                          ("grpo_lp", 95.0, 0.65)]
+    assert plot.load_points(toy_run / "summary.json") == [("before", 120.0, 0.4, None), ("vpgea", 80.0, 0.7, None),
+                                                          ("grpo_lp", 95.0, 0.65, None)]
 
 
 def test_main_writes_figures(toy_run, eval_file, tmp_path, capsys):
@@ -129,3 +129,25 @@ def test_missing_matplotlib_message(toy_run, monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # makes `import matplotlib` raise ImportError
     assert plot.main([str(toy_run)]) == 1
     assert "pip install 'vpgea[plot]'" in capsys.readouterr().err
+
+
+def test_figures_read_as_intended(toy_run, tmp_path):
+    runs = {name: plot.load_metrics(p) for name, p in plot.find_runs(toy_run).items()}
+    _, title, panels = next(f for f in plot.FIGURES if f[0] == "reward_loss.png")
+    fig = plot.plot_steps(runs, title, panels, tmp_path / "rl.png")
+    # One reward panel per run, each on its own scale (the two methods' rewards mean different things) ...
+    reward_axes = [ax for ax in fig.axes if ax.get_ylabel().startswith("mean reward")]
+    assert sorted(ax.get_ylabel() for ax in reward_axes) == ["mean reward (grpo_lp)", "mean reward (vpgea)"]
+    for ax in reward_axes:  # only its own run's lines, on a y axis shared with no other panel
+        assert [t.get_text() for t in ax.get_legend().get_texts()] == [ax.get_ylabel()[len("mean reward ("):-1]]
+        assert len(ax.get_shared_y_axes().get_siblings(ax)) == 1
+    # ... the gradient norm beside the loss, whose panel says why it sits near 0, and the thick lines are explained.
+    assert any(ax.get_ylabel() == "gradient norm" for ax in fig.axes)
+    loss_ax = next(ax for ax in fig.axes if ax.get_ylabel() == "loss")
+    assert "about 0 by construction" in loss_ax.get_title(loc="left")
+    assert "thick lines: rolling mean over" in fig._suptitle.get_text()
+    points = {"toy": [("before", 50.0, 0.62, 600), ("vpgea", 48.0, 0.65, 600)]}
+    ax = plot.plot_frontier(points, tmp_path / "f.png").axes[0]
+    assert ax.get_ylim() == (0.0, 1.0) and ax.get_xlim()[0] == 0.0  # not zoomed into the noise
+    (bars,) = ax.containers  # one errorbar container: the standard errors are drawn
+    assert bars.has_yerr

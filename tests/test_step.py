@@ -11,7 +11,7 @@ import torch
 
 from vpgea import train
 
-GOLDEN = Path(__file__).parent / "golden" / "toy_steps_pre_refactor.json"
+GOLDEN = Path(__file__).parent / "golden" / "toy_steps.json"  # tests/golden/record_toy_steps.py
 
 
 @pytest.fixture(autouse=True)
@@ -24,16 +24,14 @@ def _metrics(path):
 
 
 def test_per_step_losses_match_the_committed_golden_file(tmp_path):
-    """Losses, rewards, lengths and gradient norms of 4 toy steps of each method, recorded before the step became
-    stages over packed data (torchtitan's habit). Rollouts must be identical (lengths exactly equal); losses may differ
-    by fp32 rounding only: the sweep route and float64 segment sums add in another order than the old per-question
-    two-pass path (measured: 7e-6 relative at most over these steps)."""
+    """Losses, rewards, lengths and gradient norms of 4 toy steps of each method against a committed file (torchtitan's
+    habit), so a refactor that changes the numbers shows. Rollouts must be identical (lengths exactly equal); losses
+    may differ by fp32 rounding only. (The step's redesign into stages over packed data was checked against a file
+    recorded before it, with the old whole-tail U and grpo-lp's token mean: 7e-6 relative at most.)"""
     gold = json.loads(GOLDEN.read_text())
     for mode, sub in (("vpgea", "vpgea"), ("grpo-lp", "grpo_lp")):
         out = tmp_path / mode
-        # As when the file was recorded: U over the whole tail, grpo-lp with GRPO's per-sequence token mean.
-        extra = ["--u-tokens", "tail"] if mode == "vpgea" else ["--normalize", "token"]
-        assert train.main([*gold["args"], "--mode", mode, *extra, "--output-dir", str(out)]) == 0
+        assert train.main([*gold["args"], "--mode", mode, "--output-dir", str(out)]) == 0
         rows = _metrics(out / sub / "metrics.jsonl")
         assert [r["step"] for r in rows] == [g["step"] for g in gold["steps"][mode]]
         for r, g in zip(rows, gold["steps"][mode]):
@@ -47,8 +45,8 @@ def test_per_step_losses_match_the_committed_golden_file(tmp_path):
                     assert r[k] == pytest.approx(g[k], rel=5e-5, abs=atol), (mode, r["step"], k, r[k], g[k])
 
 
-TINY = ["--toy-sft-steps", "20", "--questions-per-step", "2", "--group-size", "3", "--prior-samples", "2",
-        "--max-new-tokens", "24", "--eval-limit", "2", "--rollout-batch-size", "64", "--lr", "1e-4", "--no-baseline"]
+TINY = ["--toy-sft-steps", "20", "--toy-min-accuracy", "0", "--questions-per-step", "2", "--group-size", "3",
+        "--prior-samples", "2", "--max-new-tokens", "24", "--eval-limit", "2", "--rollout-batch-size", "64", "--lr", "1e-4", "--no-baseline"]
 
 
 def _final_params(out: Path, mode_dir: str) -> dict[str, torch.Tensor]:
@@ -92,8 +90,8 @@ def test_packing_across_questions_changes_only_the_number_of_forwards(tmp_path, 
         return real_update(self, hidden, weight, bias)
 
     monkeypatch.setattr(step_mod._TrainHead, "__call__", counting)
-    args = ["--toy-sft-steps", "20", "--questions-per-step", "3", "--group-size", "3", "--prior-samples", "2",
-            "--max-new-tokens", "24", "--eval-limit", "2", "--rollout-batch-size", "64", "--lr", "1e-4",
+    args = ["--toy-sft-steps", "20", "--toy-min-accuracy", "0", "--questions-per-step", "3", "--group-size", "3",
+            "--prior-samples", "2", "--max-new-tokens", "24", "--eval-limit", "2", "--rollout-batch-size", "64", "--lr", "1e-4",
             "--no-baseline", "--max-steps", "1"]
     results = {}
     for budget in (4096, 60):

@@ -64,7 +64,8 @@ def test_task_validation_and_key():
 
 
 def test_warm_start_is_cached(tmp_path):
-    task = toy.ToyTask(sft_steps=3, sft_examples=50, sft_batch_size=4, hidden_size=16, num_layers=1, num_heads=2)
+    task = toy.ToyTask(sft_steps=3, sft_examples=50, sft_batch_size=4, hidden_size=16, num_layers=1, num_heads=2,
+                       min_accuracy=0.0)
     logs = []
     d1, m1, tok = toy.warm_start(task, cache_dir=tmp_path, log=logs.append)
     assert (d1 / "config.json").is_file() and (d1 / "tokenizer.json").is_file()
@@ -73,3 +74,47 @@ def test_warm_start_is_cached(tmp_path):
     for (n, a), (_, b) in zip(m1.state_dict().items(), m2.state_dict().items()):
         assert (a == b).all(), n
     assert not list(tmp_path.glob(".tmp-*"))
+
+
+_SMALL = dict(sft_examples=50, sft_batch_size=4, hidden_size=16, num_layers=1, num_heads=2, check_questions=4)
+
+
+def test_warm_start_records_its_measured_accuracy(tmp_path):
+    task = toy.ToyTask(sft_steps=3, min_accuracy=0.0, **_SMALL)
+    d, model, tok = toy.warm_start(task, cache_dir=tmp_path, log=None)
+    rec = toy.read_record(d)
+    assert rec["accuracy"] == toy.heldout_accuracy(model, tok, task)  # seeded: the same measurement again
+    assert 0.0 <= rec["accuracy"] <= 1.0 and rec["steps"] == 3 and rec["min_accuracy"] == 0.0
+    assert rec["task"]["sft_steps"] == 3 and rec["transformers"] and rec["torch"]
+
+
+def test_warm_start_keeps_training_until_the_threshold(tmp_path, monkeypatch):
+    task = toy.ToyTask(sft_steps=3, sft_max_steps=9, min_accuracy=0.5, **_SMALL)
+    accs = iter([0.1, 0.2, 0.6])
+    monkeypatch.setattr(toy, "heldout_accuracy", lambda *a: next(accs))
+    logs = []
+    d, _, _ = toy.warm_start(task, cache_dir=tmp_path, log=logs.append)
+    rec = toy.read_record(d)
+    assert rec["accuracy"] == 0.6 and rec["steps"] == 9 and [h["steps"] for h in rec["history"]] == [3, 6, 9]
+    assert "held-out accuracy 0.600 after 9 steps" in logs[-1]
+    d2, _, _ = toy.warm_start(task, cache_dir=tmp_path, log=logs.append)  # cached: no training, no check
+    assert d2 == d and "cached" in logs[-1] and "0.600" in logs[-1]
+
+
+def test_warm_start_that_cannot_learn_stops_with_an_error(tmp_path, monkeypatch):
+    task = toy.ToyTask(sft_steps=3, sft_max_steps=8, min_accuracy=0.5, **_SMALL)
+    monkeypatch.setattr(toy, "heldout_accuracy", lambda *a: 0.1)
+    with pytest.raises(toy.WarmStartError, match=r"0\.100 after 6 steps, below the required 0\.5.*bound of 8"):
+        toy.warm_start(task, cache_dir=tmp_path, log=None)
+    assert not list(tmp_path.iterdir())  # nothing cached: the next run trains again
+
+
+def test_default_run_fails_clearly_when_the_warm_start_cannot_reach_the_threshold(tmp_path, monkeypatch, capsys):
+    from vpgea import train
+
+    monkeypatch.setenv("VPGEA_CACHE", str(tmp_path / "cache"))
+    args = ["--toy-sft-steps", "5", "--toy-sft-max-steps", "5", "--toy-min-accuracy", "0.95",
+            "--output-dir", str(tmp_path / "out")]
+    assert train.main(args) == 1
+    err = capsys.readouterr().err
+    assert "error: the toy warm start reached held-out accuracy" in err and "--toy-min-accuracy" in err

@@ -13,11 +13,18 @@ Resuming loads the model from the Hugging Face files (before sharding), then the
 
 A checkpoint is written into a temporary sibling directory, every file fsynced, then moved into place with
 ``os.replace``: a crash mid-save leaves the previous checkpoint intact and at worst a ``.tmp-*`` directory behind.
+Parameters are checked finite before anything is written. A failed save (a full disk, say) removes its temporary
+directory and raises :class:`CheckpointError` naming the path and, when the disk is full, the bytes it needs. A
+checkpoint dropped by ``keep_last`` is first renamed to ``.deleting-checkpoint-<step>`` and then deleted, so a crash
+mid-delete never leaves a partial directory under a ``checkpoint-<step>`` name. :func:`recover_leftovers`, called
+when a run starts, removes what interrupted saves and deletions left and puts back a checkpoint that a crash caught
+between the two renames of a re-save.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import random
 import re
@@ -28,11 +35,14 @@ from pathlib import Path
 import torch
 
 __all__ = [
+    "CheckpointError",
+    "NonFiniteParameters",
     "capture_rng",
     "latest_checkpoint",
     "list_checkpoints",
     "load_optimizer_state",
     "load_trainer_state",
+    "recover_leftovers",
     "restore_rng",
     "save_checkpoint",
 ]
@@ -40,6 +50,15 @@ __all__ = [
 STATE_FILE = "trainer_state.pt"
 OPTIM_DIR = "optimizer"
 _NAME = re.compile(r"^checkpoint-(\d+)$")
+_LEFTOVER = re.compile(r"^\.(tmp|old|deleting)-checkpoint-(\d+)$")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint could not be written; the previous one is intact."""
+
+
+class NonFiniteParameters(FloatingPointError):
+    """A parameter holds NaN or inf: the run diverged, and saving it would overwrite good checkpoints."""
 
 
 def capture_rng() -> dict:
@@ -132,6 +151,73 @@ def _hf_state_dict(model, full: dict) -> dict:
     return {k: v for k, v in full.items() if k not in tied}
 
 
+def _first_non_finite(model) -> str | None:
+    """The name of the first parameter (this rank's shard of it under FSDP2) holding NaN or inf, else None."""
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            t = p.to_local() if hasattr(p, "to_local") else p
+            if not bool(torch.isfinite(t).all()):
+                return name
+    return None
+
+
+def _tree_bytes(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+
+
+def _disk_full(exc: BaseException) -> bool:
+    """Whether a failed write ran out of space. The writers report it differently: an ``OSError`` with ENOSPC or
+    EDQUOT (Python files), safetensors' ``SafetensorError`` with only the OS message, DCP's ``CheckpointException``
+    holding the ranks' ``OSError`` s, torch.save's ``RuntimeError`` with neither (the caller then compares free space
+    with what the save needs)."""
+    seen: set[int] = set()
+    e: BaseException | None = exc
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        text = repr(e)
+        if "No space left on device" in text or "Disk quota exceeded" in text:
+            return True
+        e = e.__cause__ or e.__context__
+    return False
+
+
+def recover_leftovers(output_dir: str | os.PathLike) -> list[str]:
+    """Clean what interrupted saves and deletions left in ``output_dir``; call it only while holding the run lock
+    (another run's save in progress looks the same). A ``.old-checkpoint-N`` whose ``checkpoint-N`` is missing is
+    the only copy of that step (a crash between the two renames of a re-save): it is renamed back. Everything else
+    (``.tmp-checkpoint-*``, ``.deleting-checkpoint-*``, a redundant ``.old-*``) is deleted. Returns what was done,
+    one line per directory."""
+    root = Path(output_dir)
+    done: list[str] = []
+    if not root.is_dir():
+        return done
+    for p in sorted(root.iterdir()):
+        m = _LEFTOVER.match(p.name)
+        if not m or not p.is_dir():
+            continue
+        final = root / f"checkpoint-{m.group(2)}"
+        if m.group(1) == "old" and not final.exists() and (p / STATE_FILE).is_file():
+            os.replace(p, final)
+            done.append(f"restored {final.name} from {p.name}")
+        else:
+            shutil.rmtree(p, ignore_errors=True)
+            done.append(f"removed {p.name} (left by an interrupted save or delete)")
+    if done:
+        _fsync_dir(root)
+    return done
+
+
+def _drop(path: Path) -> None:
+    """Delete a checkpoint directory: rename it out of the ``checkpoint-N`` namespace first, then delete it."""
+    aside = path.with_name(f".deleting-{path.name}")
+    shutil.rmtree(aside, ignore_errors=True)
+    os.replace(path, aside)
+    _fsync_dir(path.parent)
+    shutil.rmtree(aside, ignore_errors=True)
+
+
 def save_checkpoint(
     output_dir: str | os.PathLike,
     step: int,
@@ -150,17 +236,70 @@ def save_checkpoint(
     optimizer: saved with DCP (sharded under FSDP2). info: ``vpgea.distributed.DistInfo``; with several ranks this
     is a collective, every rank must call it.
     """
-    from vpgea.distributed import DistInfo, barrier, full_state_dict
+    from vpgea.distributed import DistInfo, all_ranks_agree, barrier
 
     info = info or DistInfo()
     root = Path(output_dir)
     final = root / f"checkpoint-{step}"
     tmp = root / f".tmp-checkpoint-{step}"  # the same name on every rank: DCP writes each rank's shards into it
+    bad = _first_non_finite(model)
+    if not all_ranks_agree(bad is None, info):
+        where = f"parameter {bad}" if bad else "a parameter on another rank"
+        last = latest_checkpoint(root)
+        raise NonFiniteParameters(f"step {step}: {where} is NaN or inf; not saving it over good checkpoints (the "
+                                  f"newest is {last if last else 'none'}); lower --lr or --grad-clip and resume")
     if info.is_main:
         root.mkdir(parents=True, exist_ok=True)
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
     barrier(info)
+    try:
+        _write(tmp, model, tokenizer, trainer_state, optimizer, step, info)
+    except BaseException as e:  # a full disk, an interrupt, ...: roll back to the previous checkpoint
+        if info.is_main:
+            shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(e, (KeyboardInterrupt, SystemExit)):
+            raise
+        raise _write_error(e, final, root, model, optimizer) from e  # (DCP's CheckpointException is a BaseException)
+    if info.is_main:
+        if final.exists():  # re-saving the same step: move the old one aside first (os.replace needs an empty target)
+            old = root / f".old-checkpoint-{step}"
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(final, old)
+            os.replace(tmp, final)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, final)
+        _fsync_dir(root)
+        for stale in list_checkpoints(root)[:-keep_last] if keep_last > 0 else []:
+            if stale != final:
+                _drop(stale)
+    barrier(info)
+    return final
+
+
+def _write_error(e: BaseException, final: Path, root: Path, model, optimizer) -> CheckpointError:
+    """The error for a failed save of ``final``: a full disk named as such, with the bytes the save needs (the
+    newest checkpoint's size, else the parameters' bytes, three times over with Adam's two moments)."""
+    prev = latest_checkpoint(root)
+    if prev is not None:
+        need = _tree_bytes(prev)
+    else:
+        n = sum(p.numel() * p.element_size() for p in model.parameters())
+        need = n * (3 if optimizer is not None else 1)
+    free = shutil.disk_usage(root).free
+    keep = f"the previous checkpoint {prev} is intact" if prev else "no earlier checkpoint exists"
+    if _disk_full(e) or free < need:
+        return CheckpointError(f"no space left on the device of {root} while writing {final.name}: it needs about "
+                               f"{need / 2**20:.1f} MiB, {free / 2**20:.1f} MiB are free; {keep}, and the partial "
+                               "save was removed. Free some space and resume.")
+    return CheckpointError(f"writing {final} failed ({type(e).__name__}: {e}); {keep}, and the partial save was "
+                           "removed")
+
+
+def _write(tmp: Path, model, tokenizer, trainer_state: dict, optimizer, step: int, info) -> None:
+    from vpgea.distributed import barrier, full_state_dict
+
     if info.enabled:
         full = full_state_dict(model, info)  # collective; the full CPU state on rank 0 only
         if info.is_main:
@@ -180,20 +319,6 @@ def save_checkpoint(
             tokenizer.save_pretrained(tmp)
         torch.save({**trainer_state, "step": step, "world_size": info.world_size}, tmp / STATE_FILE)
         _fsync_tree(tmp)
-        if final.exists():  # re-saving the same step: move the old one aside first (os.replace needs an empty target)
-            old = root / f".old-checkpoint-{step}"
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(final, old)
-            os.replace(tmp, final)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, final)
-        _fsync_dir(root)
-        for stale in list_checkpoints(root)[:-keep_last] if keep_last > 0 else []:
-            if stale != final:
-                shutil.rmtree(stale, ignore_errors=True)
-    barrier(info)
-    return final
 
 
 def load_optimizer_state(checkpoint_dir: str | os.PathLike, model, optimizer: torch.optim.Optimizer) -> None:

@@ -27,6 +27,7 @@ from pathlib import Path
 __all__ = [
     "PRESETS",
     "TrainConfig",
+    "check_resume",
     "config_dict",
     "load_config_file",
     "parse_args",
@@ -34,6 +35,7 @@ __all__ = [
     "preset_r1_distill_7b",
     "preset_toy",
     "save_config",
+    "saved_config",
 ]
 
 MODES = ("vpgea", "grpo-lp", "thinkprune", "l1-exact", "l1-max", "rft-shortest", "ibpo", "no-cross-view", "beta-0",
@@ -82,7 +84,13 @@ class TrainConfig:
     baseline: bool = True
     """Toy run only: after VPG-EA, also train grpo-lp from the same warm start on the same budget and compare."""
     resume: str | None = None
-    """Checkpoint directory (checkpoint-<step>/) to continue from, with the same data order and RNG state."""
+    """Checkpoint directory (checkpoint-<step>/) to continue from, with the same data order and RNG state. Settings
+    that change what is trained (mode, model, data, seed, group sizes, questions per step, evaluation samples and
+    limit, learning rate, ...) must equal the checkpoint's; the run refuses and names each difference."""
+    allow_config_change: bool = False
+    """--resume: also accept changes that leave the trained rollouts and losses alone: --max-steps, logging and
+    checkpointing (--log-every, --save-every, --keep-last), the device, engine, attention and log-prob backends,
+    batching and memory settings. (--max-steps moves the cosine schedule's end; the steps done stay as they were.)"""
     report_to: tuple[str, ...] = ()
     """Where the metrics.jsonl scalars also go, from rank 0: "none", "tensorboard" (<output_dir>/tensorboard), "wandb"
     (project $WANDB_PROJECT, default vpgea; WANDB_MODE=offline works without network); several allowed."""
@@ -200,13 +208,22 @@ class TrainConfig:
     toy_train_size: int = 2000
     """Toy run: training questions generated."""
     toy_sft_steps: int = 1200
-    """Toy run: warm-start SFT steps (cached by the task's settings)."""
+    """Toy run: warm-start SFT steps per round (the warm start is cached by the task's settings, under $VPGEA_CACHE
+    or ~/.cache/vpgea)."""
+    toy_sft_max_steps: int = 4800
+    """Toy run: bound on warm-start steps; rounds continue until the held-out accuracy check passes, else an error."""
+    toy_min_accuracy: float = 0.5
+    """Toy run: held-out accuracy (sampled at temperature 1) the warm start must reach; 0 accepts any model."""
 
     def __post_init__(self) -> None:
         def need(cond: bool, msg: str) -> None:
             if not cond:
                 raise ValueError(f"config: {msg}")
 
+        for f in dataclasses.fields(self):  # no NaN or inf anywhere: they pass every comparison below unnoticed
+            v = getattr(self, f.name)
+            for x in v if isinstance(v, tuple) else (v,):
+                need(not isinstance(x, float) or math.isfinite(x), f"{f.name} must be a finite number, got {v}")
         need(self.mode in MODES, f"mode must be one of {MODES}, got {self.mode!r}")
         need(self.engine in ("hf", "vllm"), f"engine must be 'hf' or 'vllm', got {self.engine!r}")
         need(self.normalize in NORMALIZE, f"normalize must be one of {NORMALIZE}, got {self.normalize!r}")
@@ -222,15 +239,20 @@ class TrainConfig:
         need(self.beta >= 0, f"beta must be >= 0, got {self.beta}")
         need(self.lr > 0, f"lr must be > 0, got {self.lr}")
         need(self.temperature > 0, f"temperature must be > 0 for training rollouts, got {self.temperature}")
+        need(self.eval_temperature >= 0, f"eval_temperature must be >= 0 (0: greedy), got {self.eval_temperature}")
+        need(self.eval_limit is None or self.eval_limit >= 1, f"eval_limit must be >= 1, got {self.eval_limit}")
+        need(self.toy_train_size >= 1 and self.toy_sft_steps >= 1, "toy_train_size and toy_sft_steps must be >= 1")
+        need(self.toy_sft_steps <= self.toy_sft_max_steps,
+             f"toy_sft_max_steps ({self.toy_sft_max_steps}) must be >= toy_sft_steps ({self.toy_sft_steps})")
+        need(0 <= self.toy_min_accuracy <= 1, f"toy_min_accuracy must be in [0, 1], got {self.toy_min_accuracy}")
         need(0 < self.top_p <= 1, f"top_p must be in (0, 1], got {self.top_p}")
         need(0 < self.vllm_gpu_memory_utilization <= 1,
              f"vllm_gpu_memory_utilization must be in (0, 1], got {self.vllm_gpu_memory_utilization}")
         need(0 <= self.min_lr_ratio <= 1, f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
         need(self.warmup_steps >= 0 and self.grad_clip >= 0, "warmup_steps and grad_clip must be >= 0")
-        need("{answer}" in self.teacher_template, "teacher_template must contain {answer}")
-        need("{question}" in self.student_template, "student_template must contain {question}")
-        need("{answer}" in self.answer_tail, "answer_tail must contain {answer}")
         need(bool(self.answer_marker), "answer_marker must not be empty")
+        _check_device(self.device)
+        _check_templates(self)
         need((self.model is None) == (self.train_data is None) or self.model is not None,
              "--train-data needs --model (the toy run generates its own data)")
         # --report-to: a string (a config file's `report_to: wandb`) is one tracker; "none" alone means no tracker.
@@ -246,6 +268,103 @@ class TrainConfig:
     @property
     def is_toy(self) -> bool:
         return self.model is None
+
+    def warnings(self) -> list[str]:
+        """Settings that are valid but probably not what was meant."""
+        out = []
+        if self.eval_samples > 1 and self.eval_temperature == 0:
+            out.append(f"--eval-samples {self.eval_samples} at --eval-temperature 0: greedy decoding repeats the same "
+                       "response, so every sample is the same")
+        return out
+
+
+# Sentinel values for the template check: a template must format with them and show each where it belongs.
+_PROBE = {"question": "‹question›", "instruction": "‹instruction›", "answer": "‹answer›"}
+
+
+def _format_probe(name: str, template: str, fields: tuple[str, ...], must_show: tuple[str, ...]) -> str:
+    """``template`` formatted with the probe values of ``fields``; a ValueError names the template and the problem
+    when it uses another field, is malformed, or does not show each of ``must_show`` verbatim (``{{answer}}``
+    is the literal text "{answer}", and ``{answer:.1}`` cuts the answer)."""
+    allowed = ", ".join("{" + f + "}" for f in fields)
+    try:
+        text = template.format(**{f: _PROBE[f] for f in fields})
+    except KeyError as e:
+        raise ValueError(f"config: {name} {template!r} uses the unknown field {{{e.args[0]}}}; its fields are "
+                         f"{allowed}") from None
+    except (IndexError, ValueError, AttributeError, TypeError) as e:
+        raise ValueError(f"config: {name} {template!r} is not a valid format string ({e}); its fields are {allowed}, "
+                         "and a literal brace is written twice ({{ or }})") from None
+    for f in must_show:
+        if _PROBE[f] not in text:
+            raise ValueError(f"config: {name} {template!r} does not put the {f} into the text: it formats to "
+                             f"{text!r}; write {{{f}}} where the {f} goes, with no format spec")
+    return text
+
+
+def _check_templates(cfg: TrainConfig) -> None:
+    _format_probe("student_template", cfg.student_template, ("question", "instruction"), ("question",))
+    _format_probe("teacher_template", cfg.teacher_template, ("question", "instruction", "answer"),
+                  ("question", "answer"))
+    tail = _format_probe("answer_tail", cfg.answer_tail, ("answer",), ("answer",))
+    if cfg.answer_marker not in tail[: tail.index(_PROBE["answer"])]:
+        raise ValueError(f"config: answer_tail {cfg.answer_tail!r} must contain answer_marker {cfg.answer_marker!r} "
+                         "before the answer: a sampled path z ends where the marker starts, and the tail follows z "
+                         "in training")
+
+
+def _check_device(device: str) -> None:
+    if device == "auto":
+        return
+    import torch
+
+    try:
+        torch.device(device)
+    except (RuntimeError, ValueError):
+        raise ValueError(f"config: device must be 'auto', 'cpu', 'cuda', 'cuda:<index>' or another torch device, got "
+                         f"{device!r}") from None
+
+
+# --- resuming ------------------------------------------------------------------------------------------------------
+
+# Never compared: where the output goes and the resume flags themselves.
+RESUME_IGNORED = frozenset({"output_dir", "resume", "allow_config_change"})
+# Accepted with --allow-config-change: they leave the data order, the rollouts' seeds and the losses alone (up to
+# floating-point differences of another device, backend or packing); --max-steps moves the schedule's end.
+RESUME_HARMLESS = frozenset({
+    "max_steps", "log_every", "save_every", "keep_last", "baseline", "device", "engine", "vllm_gpu_memory_utilization",
+    "rollout_batch_size", "max_tokens_per_micro_batch", "gradient_checkpointing", "bf16", "attn_impl", "logprob_impl",
+})
+_PATHS = ("model", "train_data", "eval_data")
+
+
+def saved_config(cfg: TrainConfig) -> dict:
+    """The settings a checkpoint records: ``dataclasses.asdict`` with the input paths made absolute, so a resume
+    from another working directory compares the same files."""
+    d = dataclasses.asdict(cfg)
+    for k in _PATHS:
+        if d[k] is not None:
+            d[k] = os.path.abspath(d[k])
+    return d
+
+
+def check_resume(cfg: TrainConfig, saved: dict) -> list[str]:
+    """Compare a checkpoint's settings (``saved``, from :func:`saved_config`) with ``cfg``. Raises ValueError naming
+    every difference that would change what is trained, and the harmless ones too unless ``cfg.allow_config_change``;
+    returns the accepted harmless differences, described, for a log line."""
+    from vpgea.rundir import config_differences, describe_differences
+
+    old = {k: os.path.abspath(v) if k in _PATHS and isinstance(v, str) else v for k, v in saved.items()}
+    changes, harmless = config_differences(old, saved_config(cfg), harmless=set(RESUME_HARMLESS),
+                                           ignored=set(RESUME_IGNORED))
+    if changes:
+        raise ValueError(f"--resume: the checkpoint was trained with other settings, and resuming would not continue "
+                         f"that run: {describe_differences(changes)}. Use the checkpoint's settings (its "
+                         "trainer_state.pt records them), or start a new run without --resume")
+    if harmless and not cfg.allow_config_change:
+        raise ValueError(f"--resume: settings differ from the checkpoint's: {describe_differences(harmless)}. They "
+                         "do not change what is trained; pass --allow-config-change to accept them")
+    return [describe_differences([d]) for d in harmless]
 
 
 # --- presets --------------------------------------------------------------------------------------------------------

@@ -40,6 +40,7 @@ __all__ = [
     "iter_records",
     "load_dataset",
     "load_jsonl_dataset",
+    "read_jsonl_log",
 ]
 
 DEFAULT_INSTRUCTION = "Please reason step by step, and put your final answer within \\boxed{}."
@@ -96,6 +97,29 @@ def iter_jsonl(path: str | Path):
             if not isinstance(rec, dict):
                 raise ValueError(f"{where}: expected a JSON object, got {type(rec).__name__}")
             yield where, rec
+
+
+def read_jsonl_log(path: str | Path) -> list[dict]:
+    """The records of an append-only JSONL log (``metrics.jsonl``, evaluation responses). A crash mid-write leaves at
+    most one partial last line: it is dropped. An unreadable line anywhere else is corruption and raises
+    ``ValueError`` naming ``file:line``."""
+    records = []
+    with Path(path).open(encoding="utf-8") as f:
+        lines = f.readlines()
+    last = max((i for i, ln in enumerate(lines) if ln.strip()), default=-1)
+    for i, line in enumerate(lines):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError as e:
+            if i == last and not line.endswith("\n"):  # the partial last line of an interrupted write
+                break
+            raise ValueError(f"{path}:{i + 1}: not valid JSON ({e.msg} at column {e.colno})") from None
+        if not isinstance(rec, dict):
+            raise ValueError(f"{path}:{i + 1}: expected a JSON object, got {type(rec).__name__}")
+        records.append(rec)
+    return records
 
 
 def _iter_json(path: Path):

@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from pathlib import Path
 from typing import Callable
 
-from vpgea.data import Example, build_prompt, load_jsonl_dataset
+from vpgea.data import Example, build_prompt, load_jsonl_dataset, read_jsonl_log
 from vpgea.engines.base import derive_seed
 from vpgea.grading import extract_answer, is_correct
 
@@ -48,22 +49,6 @@ def summarize(records: list[dict]) -> dict:
     }
 
 
-def _read_done(path: Path) -> list[dict]:
-    records = []
-    with path.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                records.append(json.loads(line))
-            except json.JSONDecodeError:
-                # A crash mid-write leaves at most one partial last line; anything else is corruption.
-                rest = f.read()
-                if rest.strip():
-                    raise ValueError(f"{path}:{lineno}: unreadable response record") from None
-    return records
-
-
 def generate_records(
     engine,
     tokenizer,
@@ -78,7 +63,7 @@ def generate_records(
     results_path: str | Path | None = None,
     resume: bool = False,
     seed: int = 0,
-    progress: bool = False,
+    progress: bool | str = False,
     shard: tuple[int, int] = (0, 1),
     grade: Callable[[str, Example], bool] | None = None,
 ) -> list[dict]:
@@ -89,8 +74,8 @@ def generate_records(
     (data-parallel evaluation; gather the records and call :func:`summarize`). With ``results_path`` every record is
     appended there as JSON as soon as its batch is done; ``resume=True`` first reads the records already there and
     skips those (problem, sample) pairs. ``grade(response, example)`` decides correctness (a ``vpgea.rewards.Reward``,
-    the ``--reward`` hook); default: math-verify on the last ``\\boxed{}``. Returns the records of this shard, the
-    resumed ones included.
+    the ``--reward`` hook); default: math-verify on the last ``\\boxed{}``. ``progress``: show a progress bar (with an
+    ETA), labelled with the string if one is given. Returns the records of this shard, the resumed ones included.
     """
     if samples < 1:
         raise ValueError(f"samples must be >= 1, got {samples}")
@@ -104,7 +89,7 @@ def generate_records(
         results_path = Path(results_path)
         results_path.parent.mkdir(parents=True, exist_ok=True)
         if resume and results_path.exists():
-            records = _read_done(results_path)
+            records = read_jsonl_log(results_path)  # a partial last line (a crash mid-write) is dropped
             # Rewrite without a partial last line so appends stay valid JSONL.
             results_path.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
         out_f = results_path.open("a" if resume else "w", encoding="utf-8")
@@ -114,7 +99,8 @@ def generate_records(
     if progress:
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=len(todo), desc="eval", unit="resp")
+        bar = tqdm(total=len(todo), desc=progress if isinstance(progress, str) else "eval", unit="resp",
+                   file=sys.stderr, dynamic_ncols=True)
     try:
         for b in range(0, len(todo), batch_size):
             chunk = todo[b : b + batch_size]
@@ -165,24 +151,82 @@ def _parser() -> argparse.ArgumentParser:
                    help=".jsonl / .json / .parquet files or saved dataset directories (GSM8K, MATH-500, AIME, AMC, "
                    "verl parquet, or custom fields)")
     p.add_argument("--samples", type=int, default=1, help="responses per problem (ACC averages over them)")
-    p.add_argument("--max-new-tokens", type=int, default=4096, help="generation length limit per response")
+    p.add_argument("--max-new-tokens", type=int, default=None,
+                   help="generation length limit per response (default: 4096, or less where the model's context, "
+                   "max_position_embeddings, minus the longest prompt is shorter)")
     p.add_argument("--temperature", type=float, default=0.0, help="sampling temperature (0 = greedy)")
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling threshold")
     p.add_argument("--limit", type=int, default=None, help="only the first N problems of each file")
     p.add_argument("--batch-size", type=int, default=32, help="prompts per generate call")
     p.add_argument("--engine", choices=("hf", "vllm"), default="hf", help="rollout engine")
-    p.add_argument("--output", default="eval_results.json",
-                   help="summary JSON; responses go to <output stem>.<dataset>.responses.jsonl beside it")
+    p.add_argument("--output", default=None,
+                   help="summary JSON; responses go to <output stem>.<dataset>.responses.jsonl beside it (default: "
+                   "eval-<model dir name>.json beside the model directory)")
     p.add_argument("--question-field", default=None,
                    help="question field (dotted for nested: extra_info.question; a string or chat messages)")
     p.add_argument("--answer-field", default=None, help="answer field (dotted for nested: reward_model.ground_truth)")
     p.add_argument("--reward", default="vpgea.rewards:math_correct",
                    help="correctness check, module:function or file.py:function (see vpgea.rewards)")
-    p.add_argument("--resume", action="store_true", help="continue an interrupted evaluation from its JSONL files")
+    p.add_argument("--resume", action="store_true",
+                   help="continue an interrupted evaluation from its JSONL files; the settings must be the ones it "
+                   "started with (the summary JSON records them)")
+    p.add_argument("--allow-config-change", action="store_true",
+                   help="--resume: accept another --engine, --device or --dtype (numerics only)")
     p.add_argument("--seed", type=int, default=0, help="sampling seed")
     p.add_argument("--device", default=None, help="torch device for the hf engine (default: cuda if available)")
     p.add_argument("--dtype", default=None, help="model dtype (default: the checkpoint's; bf16 on GPU)")
     return p
+
+
+DEFAULT_MAX_NEW_TOKENS = 4096
+# --resume: settings that change the responses (refused), those that change only the numerics (accepted with
+# --allow-config-change); --batch-size, --output and --resume are never compared (records do not depend on them).
+_RESUME_HARMLESS = {"engine", "device", "dtype"}
+
+
+def _check_args(args: argparse.Namespace) -> None:
+    """Start-up checks of the numbers, with the flag's name."""
+    for name in ("samples", "batch_size", "max_new_tokens", "limit"):
+        v = getattr(args, name)
+        if v is not None and v < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {v}")
+    if not (math.isfinite(args.temperature) and args.temperature >= 0):
+        raise ValueError(f"--temperature must be a finite number >= 0 (0: greedy), got {args.temperature}")
+    if not (math.isfinite(args.top_p) and 0 < args.top_p <= 1):
+        raise ValueError(f"--top-p must be in (0, 1], got {args.top_p}")
+
+
+def dataset_names(paths: list[str]) -> list[str]:
+    """A distinct name per data file, used in the results and the response files' names: the file's stem, with as
+    many parent folders as it takes to tell files of the same stem apart (``a-test``, ``b-test``). The same file
+    twice is an error."""
+    resolved = [Path(p).resolve() for p in paths]
+    for i, r in enumerate(resolved):
+        if r in resolved[:i]:
+            raise ValueError(f"--data: {paths[i]} is given twice")
+    names = [r.stem for r in resolved]
+    depth = 1
+    while len(set(names)) < len(names):
+        names = [n if names.count(n) == 1 else "-".join([*r.parent.parts[-depth:], r.stem])
+                 for n, r in zip(names, resolved)]
+        depth += 1
+    return names
+
+
+def _default_output(model: str) -> Path:
+    d = Path(model).resolve()
+    return d.parent / f"eval-{d.name}.json"
+
+
+def _model_context(path: str) -> int | None:
+    """The longest sequence the model takes (``max_position_embeddings`` of its config), when it says."""
+    try:
+        cfg = json.loads((Path(path) / "config.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+    cfg = cfg.get("text_config", cfg)
+    n = cfg.get("max_position_embeddings")
+    return int(n) if isinstance(n, int) and n > 0 else None
 
 
 def _load_model_and_tokenizer(path: str, device: str | None, dtype: str | None, engine: str):
@@ -209,29 +253,86 @@ def _load_model_and_tokenizer(path: str, device: str | None, dtype: str | None, 
     return model, tokenizer
 
 
+def _settings(args: argparse.Namespace, names: list[str], max_new_tokens: int) -> dict:
+    """What the responses depend on (and the numerics-only engine, device and dtype), as the JSON records it."""
+    return {"model": str(Path(args.model).resolve()), "data": dict(zip(names, (str(Path(f).resolve())
+                                                                               for f in args.data))),
+            "samples": args.samples, "limit": args.limit, "seed": args.seed, "temperature": args.temperature,
+            "top_p": args.top_p, "max_new_tokens": max_new_tokens, "question_field": args.question_field,
+            "answer_field": args.answer_field, "engine": args.engine, "device": args.device, "dtype": args.dtype}
+
+
+def _check_resume(out: Path, settings: dict, allow: bool) -> None:
+    from vpgea.rundir import config_differences, describe_differences
+
+    try:
+        saved = json.loads(out.read_text())["settings"]
+    except (OSError, json.JSONDecodeError, KeyError, TypeError):
+        warn(f"--resume: {out} records no settings to compare; continuing from the response files as they are")
+        return
+    changes, harmless = config_differences(saved, settings, harmless=_RESUME_HARMLESS, ignored=set())
+    if changes or (harmless and not allow):
+        what = describe_differences(changes + ([] if allow else harmless), saved_in="the evaluation")
+        hint = " (--allow-config-change accepts --engine, --device and --dtype)" if harmless and not allow else ""
+        raise ValueError(f"--resume: {out} was started with other settings, and its responses would mix two "
+                         f"evaluations: {what}{hint}. Use the same settings, or another --output without --resume")
+
+
+def warn(msg: str) -> None:
+    print(f"warning: {msg}", file=sys.stderr, flush=True)
+
+
 def _run(args: argparse.Namespace) -> int:
     from vpgea.engines import make_engine
+    from vpgea.rundir import atomic_write_text
 
     from vpgea.rewards import load_reward
 
     grade = load_reward(args.reward)  # issue 18: imported and checked before any data or model is read
     datasets = {}
-    for f in args.data:  # read every file before any generation: a typo fails in seconds, not hours
-        datasets[Path(f).stem] = load_jsonl_dataset(f, question_field=args.question_field,
-                                                    answer_field=args.answer_field, limit=args.limit)
+    names = dataset_names(args.data)
+    for name, f in zip(names, args.data):  # read every file before any generation: a typo fails in seconds
+        datasets[name] = load_jsonl_dataset(f, question_field=args.question_field, answer_field=args.answer_field,
+                                            limit=args.limit)
+    out = Path(args.output) if args.output else _default_output(args.model)
     model, tokenizer = _load_model_and_tokenizer(args.model, args.device, args.dtype, args.engine)
+    max_new_tokens = args.max_new_tokens or DEFAULT_MAX_NEW_TOKENS
+    context = _model_context(args.model)
+    if context is not None:
+        longest = max(len(build_prompt(tokenizer, ex.question)) for exs in datasets.values() for ex in exs)
+        room = context - longest
+        if room < 1:
+            raise ValueError(f"--model {args.model}: its context holds {context} positions, and the longest prompt "
+                             f"already takes {longest} tokens")
+        if max_new_tokens > room:
+            warn(f"--max-new-tokens {max_new_tokens} does not fit the model's context ({context} positions, "
+                 f"max_position_embeddings in its config.json, and prompts up to {longest} tokens): generating at "
+                 f"most {room} tokens per response")
+            max_new_tokens = room
+    if args.samples > 1 and args.temperature == 0:
+        warn(f"--samples {args.samples} at --temperature 0: greedy decoding repeats the same response, so every "
+             "sample is the same and ACC and A.Tok are those of one sample")
+    settings = _settings(args, names, max_new_tokens)
+    if args.resume and out.exists():
+        _check_resume(out, settings, args.allow_config_change)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        results = {"model": str(args.model), "samples": args.samples, "max_new_tokens": max_new_tokens,
+                   "temperature": args.temperature, "settings": settings, "datasets": {}}
+        if args.resume and out.exists():  # keep the data sets already finished
+            results["datasets"] = json.loads(out.read_text()).get("datasets", {})
+        atomic_write_text(out, json.dumps(results, indent=2) + "\n")  # the settings first: --resume compares them
+    except OSError as e:
+        raise ValueError(f"cannot write the results to {out} ({e.strerror}); pass --output PATH") from None
     engine = make_engine(args.engine, model, tokenizer)
-    out = Path(args.output)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    results = {"model": str(args.model), "samples": args.samples, "max_new_tokens": args.max_new_tokens,
-               "temperature": args.temperature, "datasets": {}}
+    print(f"writing {out} and its responses beside it", file=sys.stderr, flush=True)
     for name, examples in datasets.items():
-        res = evaluate(engine, tokenizer, examples, samples=args.samples, max_new_tokens=args.max_new_tokens,
+        res = evaluate(engine, tokenizer, examples, samples=args.samples, max_new_tokens=max_new_tokens,
                        temperature=args.temperature, top_p=args.top_p, batch_size=args.batch_size,
                        results_path=out.with_name(f"{out.stem}.{name}.responses.jsonl"), resume=args.resume,
-                       seed=args.seed, progress=True, grade=grade)
+                       seed=args.seed, progress=f"eval {name}", grade=grade)
         results["datasets"][name] = res
-        out.write_text(json.dumps(results, indent=2) + "\n")  # after each data set: nothing finished is lost
+        atomic_write_text(out, json.dumps(results, indent=2) + "\n")  # after each data set: nothing finished is lost
     print(f"{'dataset':<20} {'ACC':>7} {'A.Tok':>9} {'eps3':>10} {'Tok ok':>8} {'Tok bad':>8} {'no-ans':>7}")
     for name, r in results["datasets"].items():
         print(f"{name:<20} {r['acc']:>7.4f} {r['avg_tokens']:>9.1f} {r['eps3']:>10.6f} "
@@ -242,8 +343,10 @@ def _run(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    if args.samples < 1 or args.batch_size < 1 or args.max_new_tokens < 1:
-        print("error: --samples, --batch-size and --max-new-tokens must be >= 1", file=sys.stderr)
+    try:
+        _check_args(args)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
         return 2
     if args.engine == "vllm":
         import importlib.util

@@ -4,11 +4,14 @@ Each RUN_DIR holds ``metrics.jsonl`` (a real run) or sub-directories that do (th
 ``grpo_lp/``); every run found is overlaid on the same axes, labelled by its sub-directory. Writes to ``--out``
 (default ``RUN_DIR/plots``):
 
-- ``lengths.png``: prior and posterior mean path length per step (the paper's Figure 4), with a rolling mean;
-- ``reward_loss.png``: mean reward and loss per step;
+- ``lengths.png``: prior and posterior mean path length per step (the paper's Figure 4);
+- ``reward_loss.png``: mean reward (one panel per run: each method has its own reward), gradient norm and loss;
 - ``validation.png``: cross-view validation pass rate and gate fraction per step (VPG-EA runs only);
-- ``frontier.png``: accuracy against average tokens, one point per (run, data set), from ``--eval`` files written by
-  ``python -m vpgea.eval --output`` and from the ``summary.json`` of each RUN_DIR.
+- ``frontier.png``: accuracy against average tokens, one point per (run, data set), with the standard error of the
+  accuracy as an error bar, on axes that start at 0, from ``--eval`` files written by ``python -m vpgea.eval`` and
+  from the ``summary.json`` of each RUN_DIR.
+
+Per-step figures draw each step as a thin line and a rolling mean as a thick one (the legend says which).
 
 Missing or null metrics are skipped, and a figure with nothing to draw is not written. Needs matplotlib
 (``pip install 'vpgea[plot]'``); it draws with the non-interactive Agg backend.
@@ -20,26 +23,47 @@ import argparse
 import json
 import math
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ["load_metrics", "find_runs", "load_points", "series", "main"]
+__all__ = ["FIGURES", "Panel", "find_runs", "load_metrics", "load_points", "main", "plot_frontier", "plot_steps",
+           "series"]
 
-# name, title, panels: (y label, [(metrics key, line style, legend suffix)])
+
+
+@dataclass(frozen=True)
+class Panel:
+    """One row of a figure: ``lines`` are ``(metrics key, line style, legend suffix)``. ``per_run``: one row per run,
+    each on its own y scale (for quantities that mean different things in different runs). ``note``: a line under
+    the y label's panel title saying how to read it."""
+
+    ylabel: str
+    lines: tuple
+    per_run: bool = False
+    note: str = ""
+
+
 FIGURES = [
-    ("lengths.png", "Prior vs posterior path length",
-     [("mean path length (tokens)", [("prior_len", "-", "prior"), ("posterior_len", "--", "posterior")])]),
-    ("reward_loss.png", "Reward and loss",
-     [("mean reward", [("reward_mean", "-", "")]), ("loss", [("loss", "-", "")])]),
+    ("lengths.png", "Student-view (prior) vs teacher-view (posterior) path length",
+     [Panel("mean path length (tokens)", (("prior_len", "-", "prior"), ("posterior_len", "--", "posterior")))]),
+    ("reward_loss.png", "Reward, gradient norm and loss",
+     [Panel("mean reward", (("reward_mean", "-", ""),), per_run=True,
+            note="each run's own reward on its own scale (VPG-EA: R * eta; grpo-lp: correct - length penalty)"),
+      Panel("gradient norm", (("grad_norm", "-", ""),), note="before clipping: how hard each step pushes"),
+      Panel("loss", (("loss", "-", ""),),
+            note="policy-gradient surrogate, about 0 by construction (centred advantages): flat is not idle")]),
     ("validation.png", "Cross-view validation",
-     [("cross-view pass rate", [("cross_view_pass", "-", "")]), ("gate fraction", [("gate_frac", "-", "")])]),
+     [Panel("cross-view pass rate", (("cross_view_pass", "-", ""),)),
+      Panel("gate fraction", (("gate_frac", "-", ""),))]),
 ]
 
 
 def load_metrics(path: str | Path) -> list[dict]:
-    """The rows of a ``metrics.jsonl`` file; an unreadable line raises ``ValueError`` naming ``file:line``."""
-    from vpgea.data import iter_jsonl
+    """The rows of a ``metrics.jsonl`` file (a partial last line, from a run writing it right now, is left out); an
+    unreadable line elsewhere raises ``ValueError`` naming ``file:line``."""
+    from vpgea.data import read_jsonl_log
 
-    return [row for _, row in iter_jsonl(path)]
+    return read_jsonl_log(path)
 
 
 def find_runs(run_dir: str | Path) -> dict[str, Path]:
@@ -61,8 +85,9 @@ def _number(v) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
-def load_points(path: str | Path) -> list[tuple[str, float, float]]:
-    """``[(label, avg_tokens, acc)]`` from an eval JSON (label = data set) or a ``summary.json`` (label = key)."""
+def load_points(path: str | Path) -> list[tuple[str, float, float, int | None]]:
+    """``[(label, avg_tokens, acc, responses)]`` from an eval JSON (label = data set) or a ``summary.json`` (label =
+    key); ``responses`` (``num_responses``, for the error bar) is None where the file does not say."""
     try:
         obj = json.loads(Path(path).read_text(encoding="utf-8"))
     except json.JSONDecodeError as e:
@@ -70,7 +95,9 @@ def load_points(path: str | Path) -> list[tuple[str, float, float]]:
     if not isinstance(obj, dict):
         raise ValueError(f"{path}: expected a JSON object")
     entries = obj["datasets"] if isinstance(obj.get("datasets"), dict) else obj
-    return [(str(k), float(v["avg_tokens"]), float(v["acc"])) for k, v in entries.items()
+    return [(str(k), float(v["avg_tokens"]), float(v["acc"]),
+             int(v["num_responses"]) if _number(v.get("num_responses")) and v["num_responses"] > 0 else None)
+            for k, v in entries.items()
             if isinstance(v, dict) and _number(v.get("acc")) and _number(v.get("avg_tokens"))]
 
 
@@ -84,8 +111,13 @@ def series(rows: list[dict], key: str) -> tuple[list[float], list[float]]:
     return xs, ys
 
 
-def _rolling(ys: list[float]) -> list[float]:
-    w = max(1, min(50, len(ys) // 10))
+def _window(n: int) -> int:
+    """The rolling-mean window for a series of ``n`` steps."""
+    return max(1, min(50, n // 10))
+
+
+def _rolling(ys: list[float], w: int | None = None) -> list[float]:
+    w = w or _window(len(ys))
     out, total = [], 0.0
     for i, y in enumerate(ys):
         total += y - (ys[i - w] if i >= w else 0.0)
@@ -97,49 +129,67 @@ def _new_figure(rows: int):
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    fig = Figure(figsize=(7.5, 1.0 + 3.0 * rows), layout="constrained")
+    fig = Figure(figsize=(7.5, 1.2 + 2.8 * rows), layout="constrained")
     FigureCanvasAgg(fig)  # Agg: no display needed, no pyplot global state
     return fig
 
 
-def _plot_steps(runs: dict[str, list[dict]], title: str, panels: list, path: Path) -> bool:
-    """Draw one panel per entry of ``panels``; write ``path`` only when some series had data."""
-    fig = _new_figure(len(panels))
-    axes = fig.subplots(len(panels), 1, sharex=True, squeeze=False)[:, 0]
+def plot_steps(runs: dict[str, list[dict]], title: str, panels: list[Panel], path: Path):
+    """Draw the panels (a ``per_run`` panel once per run); write ``path`` and return the figure only when some series
+    had data (else None)."""
+    rows: list[tuple[Panel, dict[str, list[dict]]]] = []
+    for panel in panels:
+        rows += [(panel, {name: data}) for name, data in runs.items()] if panel.per_run else [(panel, runs)]
+    fig = _new_figure(len(rows))
+    axes = fig.subplots(len(rows), 1, sharex=True, squeeze=False)[:, 0]
+    colors = {name: f"C{i % 10}" for i, name in enumerate(runs)}
+    w = _window(max((len(data) for data in runs.values()), default=0))
     drawn = False
-    for ax, (ylabel, keys) in zip(axes, panels):
-        for i, (name, rows) in enumerate(runs.items()):
-            for key, style, suffix in keys:
-                xs, ys = series(rows, key)
+    for i, (ax, (panel, these)) in enumerate(zip(axes, rows)):
+        for name, data in these.items():
+            for key, style, suffix in panel.lines:
+                xs, ys = series(data, key)
                 if xs:
-                    color = f"C{i % 10}"
-                    ax.plot(xs, ys, style, color=color, alpha=0.3, lw=0.8)
-                    ax.plot(xs, _rolling(ys), style, color=color, lw=1.8, label=f"{name} {suffix}".strip())
+                    ax.plot(xs, ys, style, color=colors[name], alpha=0.3, lw=0.8)
+                    ax.plot(xs, _rolling(ys, w), style, color=colors[name], lw=1.8,
+                            label=f"{name} {suffix}".strip())
         if ax.lines:
             drawn = True
             ax.legend(fontsize=8)
-        ax.set_ylabel(ylabel)
+        label = panel.ylabel + (f" ({next(iter(these))})" if panel.per_run else "")
+        ax.set_ylabel(label, fontsize=9)
+        if panel.note and (i == 0 or rows[i - 1][0] is not panel):  # a per-run panel's note once, on its first row
+            ax.set_title(panel.note, fontsize=8, loc="left")
         ax.grid(alpha=0.3)
     axes[-1].set_xlabel("step")
-    fig.suptitle(title)
-    if drawn:
-        fig.savefig(path, dpi=120)
-    return drawn
+    fig.suptitle(f"{title}\nthin lines: each step; thick lines: rolling mean over {w} steps", fontsize=10)
+    if not drawn:
+        return None
+    fig.savefig(path, dpi=120)
+    return fig
 
 
-def _plot_frontier(sources: dict[str, list[tuple[str, float, float]]], path: Path) -> None:
+def plot_frontier(sources: dict[str, list[tuple[str, float, float, int | None]]], path: Path):
+    """Accuracy against tokens, one point per (source, label), with one-standard-error bars; writes ``path`` and
+    returns the figure."""
     fig = _new_figure(1)
     ax = fig.subplots()
     for i, (source, points) in enumerate(sources.items()):
-        ax.scatter([p[1] for p in points], [p[2] for p in points], color=f"C{i % 10}", label=source, zorder=3)
-        for label, x, y in points:
+        # Standard error of a mean of n Bernoulli outcomes (samples of one problem are counted as independent).
+        err = [math.sqrt(p[2] * (1 - p[2]) / p[3]) if p[3] else 0.0 for p in points]
+        ax.errorbar([p[1] for p in points], [p[2] for p in points], yerr=err, fmt="o", capsize=3,
+                    color=f"C{i % 10}", label=source, zorder=3)
+        for label, x, y, _ in points:
             ax.annotate(label, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
+    ax.set_xlim(left=0)
+    ax.set_ylim(0, 1)  # accuracy on its whole range: a zoomed axis makes noise look like a frontier
     ax.set_xlabel("average tokens per response")
-    ax.set_ylabel("accuracy")
+    ax.set_ylabel("accuracy (error bars: one standard error)")
     ax.set_title("Accuracy vs tokens (efficiency frontier)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.savefig(path, dpi=120)
+    return fig
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -171,12 +221,12 @@ def _run(args: argparse.Namespace) -> int:
     out.mkdir(parents=True, exist_ok=True)
     written = []
     for fname, title, panels in FIGURES:
-        if _plot_steps(runs, title, panels, out / fname):
+        if plot_steps(runs, title, panels, out / fname) is not None:
             written.append(out / fname)
         else:
             print(f"skipped {fname}: no data for it in the metrics", file=sys.stderr)
     if sources:
-        _plot_frontier(sources, out / "frontier.png")
+        plot_frontier(sources, out / "frontier.png")
         written.append(out / "frontier.png")
     for path in written:
         print(path)

@@ -19,6 +19,7 @@ import math
 import os
 import random
 import shutil
+import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -27,9 +28,12 @@ import torch
 
 __all__ = [
     "ToyTask",
+    "WarmStartError",
     "build_tokenizer",
     "build_model",
     "make_examples",
+    "heldout_accuracy",
+    "read_record",
     "verbose_trace",
     "warm_start",
 ]
@@ -69,7 +73,18 @@ class ToyTask:
     sft_examples: int = 4000
     """Warm-start training traces."""
     sft_steps: int = 1200
-    """Warm-start optimizer steps."""
+    """Warm-start optimizer steps per round: one warmup and cosine-decay cycle, then the held-out accuracy check."""
+    sft_max_steps: int = 4800
+    """Bound on the warm start: while the check fails, another round of ``sft_steps`` continues from the weights and
+    optimizer state reached (a fresh cycle: warm restarts), up to this many steps in all; then it stops with an
+    error. Grokking is fragile: with torch 2.13 and transformers 5.25 one 1200-step cycle left the arithmetic at
+    chance where transformers 5.23 had learned it."""
+    min_accuracy: float = 0.5
+    """Held-out accuracy the warm start must reach: the fraction of ``check_questions`` eval-split questions whose one
+    response, sampled at temperature 1 (as the run evaluates), boxes the right answer. Chance is about 0.1; a model
+    that has learned the traces' step distribution scores about 0.6. 0 accepts any model (tests)."""
+    check_questions: int = 200
+    """Held-out questions the accuracy check samples (never trained on; drawn apart from the run's evaluation)."""
     sft_batch_size: int = 64
     """Warm-start batch size."""
     sft_lr: float = 3e-3
@@ -86,13 +101,17 @@ class ToyTask:
             raise ValueError(f"need 1 <= min_ops <= max_ops, got {self.min_ops}, {self.max_ops}")
         if abs(sum(self.check_probs) - 1.0) > 1e-6:
             raise ValueError(f"check_probs must sum to 1, got {self.check_probs}")
-        for name in ("detour_prob", "error_prob", "hint_frac"):
+        if not 1 <= self.sft_steps <= self.sft_max_steps:
+            raise ValueError(f"need 1 <= sft_steps <= sft_max_steps, got {self.sft_steps}, {self.sft_max_steps}")
+        if self.check_questions < 1:
+            raise ValueError(f"check_questions must be >= 1, got {self.check_questions}")
+        for name in ("detour_prob", "error_prob", "hint_frac", "min_accuracy"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)}")
 
     def key(self) -> str:
         """Short hash of every setting: the warm-start cache key."""
-        blob = json.dumps(asdict(self), sort_keys=True) + "|v3"
+        blob = json.dumps(asdict(self), sort_keys=True) + "|v4"  # v4: checked warm starts with a record
         return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
 
@@ -191,12 +210,45 @@ def verbose_trace(question: str, rng: random.Random, task: ToyTask) -> str:
 # --- supervised warm start ------------------------------------------------------------------------------------------
 
 
+class WarmStartError(RuntimeError):
+    """The warm start did not reach ``ToyTask.min_accuracy`` within ``ToyTask.sft_max_steps``."""
+
+
+RECORD = "warm_start.json"
+
+
 def _encode_prompt(tokenizer, content: str) -> list[int]:
     text = tokenizer.apply_chat_template([{"role": "user", "content": content}], tokenize=False, add_generation_prompt=True)
     return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
-def _sft(model, tokenizer, task: ToyTask, log) -> None:
+def max_trace_tokens(task: ToyTask) -> int:
+    """The longest warm-start trace in tokens (EOS included): per operation a detour (6), the step (5) and the most
+    checks (7 each); then the boxed answer (3)."""
+    return task.max_ops * (6 + 5 + 7 * (len(task.check_probs) - 1)) + 3 + 1
+
+
+def heldout_accuracy(model, tokenizer, task: ToyTask) -> float:
+    """The fraction of ``task.check_questions`` eval-split questions (student view, no hint) whose response, sampled
+    at temperature 1 with a seed per question, boxes the right answer."""
+    from vpgea.engines.base import derive_seed
+    from vpgea.engines.hf import HFEngine
+    from vpgea.grading import extract_answer, is_correct
+
+    questions = make_examples(task.check_questions, seed=task.seed + 3000, task=task, split="eval")
+    engine = HFEngine(model, tokenizer, batch_size=256)
+    outs = engine.generate([_encode_prompt(tokenizer, q.question) for q in questions],
+                           max_new_tokens=max_trace_tokens(task), temperature=1.0,
+                           seed=[derive_seed(task.seed, "check", i) for i in range(len(questions))])
+    right = sum(is_correct(extract_answer(tokenizer.decode(o.token_ids, skip_special_tokens=True)), q.answer)
+                for o, q in zip(outs, questions))
+    return right / len(questions)
+
+
+def _sft(model, tokenizer, task: ToyTask, progress: bool) -> dict:
+    """Supervised rounds of ``task.sft_steps`` until the held-out check passes. Returns the record to cache."""
+    from tqdm.auto import tqdm
+
     rng = random.Random(task.seed + 1)
     examples = make_examples(task.sft_examples, seed=task.seed + 1000, task=task, split="train")
     seqs = []
@@ -209,43 +261,82 @@ def _sft(model, tokenizer, task: ToyTask, log) -> None:
     others = [p for p in model.parameters() if p.dim() < 2]
     opt = torch.optim.AdamW([{"params": matrices, "weight_decay": task.sft_weight_decay},
                              {"params": others, "weight_decay": 0.0}], lr=task.sft_lr, betas=(0.9, 0.98))
-    warmup = max(1, task.sft_steps // 20)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt,
-        lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(1.0, s / task.sft_steps))),
-    )
+    n, warmup = task.sft_steps, max(1, task.sft_steps // 20)
     gen = torch.Generator().manual_seed(task.seed + 2)
-    model.train()
-    t0 = time.time()
-    for step in range(task.sft_steps):
-        idx = torch.randint(len(seqs), (task.sft_batch_size,), generator=gen).tolist()
-        T = max(len(seqs[i][0]) + len(seqs[i][1]) for i in idx)
-        ids = torch.full((len(idx), T), tokenizer.pad_token_id)
-        labels = torch.full((len(idx), T), -100)
-        mask = torch.zeros((len(idx), T), dtype=torch.long)
-        for b, i in enumerate(idx):
-            p, r = seqs[i]
-            ids[b, : len(p) + len(r)] = torch.tensor(p + r)
-            labels[b, len(p) : len(p) + len(r)] = torch.tensor(r)
-            mask[b, : len(p) + len(r)] = 1
-        loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        sched.step()
-        opt.zero_grad(set_to_none=True)
-        if log is not None and (step % 100 == 0 or step == task.sft_steps - 1):
-            log(f"warm start {step:4d}/{task.sft_steps} | loss {loss.item():.4f} | {time.time() - t0:.0f}s")
-    model.eval()
+    t0 = time.perf_counter()
+    done, history = 0, []
+    while True:
+        # One round: a fresh warmup + cosine cycle; AdamW's moments and the data stream carry on.
+        for group in opt.param_groups:
+            group["lr"] = task.sft_lr
+        sched = torch.optim.lr_scheduler.LambdaLR(
+            opt, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(1.0, s / n))))
+        model.train()
+        bar = tqdm(range(n), desc=f"warm start, round {done // n + 1} (at most {task.sft_max_steps // n})",
+                   file=sys.stderr, dynamic_ncols=True, disable=not progress, leave=False)
+        for _ in bar:
+            idx = torch.randint(len(seqs), (task.sft_batch_size,), generator=gen).tolist()
+            T = max(len(seqs[i][0]) + len(seqs[i][1]) for i in idx)
+            ids = torch.full((len(idx), T), tokenizer.pad_token_id)
+            labels = torch.full((len(idx), T), -100)
+            mask = torch.zeros((len(idx), T), dtype=torch.long)
+            for b, i in enumerate(idx):
+                p, r = seqs[i]
+                ids[b, : len(p) + len(r)] = torch.tensor(p + r)
+                labels[b, len(p) : len(p) + len(r)] = torch.tensor(r)
+                mask[b, : len(p) + len(r)] = 1
+            loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+            sched.step()
+            opt.zero_grad(set_to_none=True)
+            bar.set_postfix_str(f"loss {loss.item():.3f}", refresh=False)
+        bar.close()
+        done += n
+        model.eval()
+        acc = heldout_accuracy(model, tokenizer, task)
+        history.append({"steps": done, "accuracy": acc, "loss": loss.item()})
+        if progress:
+            print(f"warm start: {done} steps, loss {loss.item():.3f}, held-out accuracy {acc:.3f} "
+                  f"(needs {task.min_accuracy}) [{time.perf_counter() - t0:.0f}s]", file=sys.stderr, flush=True)
+        if acc >= task.min_accuracy:
+            break
+        if done + n > task.sft_max_steps:
+            raise WarmStartError(
+                f"the toy warm start reached held-out accuracy {acc:.3f} after {done} steps, below the required "
+                f"{task.min_accuracy} (chance is about 0.1), and another round of {n} steps would pass the bound "
+                f"of {task.sft_max_steps} (--toy-sft-max-steps); raise the bound, or lower --toy-min-accuracy "
+                f"to accept this model (history: {history})"
+            )
+    import transformers
+
+    return {"accuracy": acc, "steps": done, "min_accuracy": task.min_accuracy,
+            "check_questions": task.check_questions, "history": history,
+            "seconds": round(time.perf_counter() - t0, 1), "torch": torch.__version__,
+            "transformers": transformers.__version__, "task": asdict(task)}
 
 
 def default_cache_dir() -> Path:
+    """``$VPGEA_CACHE``, else ``~/.cache/vpgea``."""
     return Path(os.environ.get("VPGEA_CACHE", Path.home() / ".cache" / "vpgea"))
+
+
+def read_record(model_dir: str | os.PathLike) -> dict | None:
+    """The cached warm start's record (accuracy reached, steps, versions), or None when there is none."""
+    path = Path(model_dir) / RECORD
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
 
 
 def warm_start(task: ToyTask | None = None, *, cache_dir: str | os.PathLike | None = None, log=print):
     """The warm-started tiny model and its tokenizer, trained once and cached under ``cache_dir/toy-<hash>``.
 
+    Training runs in rounds of ``task.sft_steps`` until the held-out accuracy reaches ``task.min_accuracy``, within
+    ``task.sft_max_steps`` (else :class:`WarmStartError`); the entry's ``warm_start.json`` records the accuracy
+    reached. ``log``: a callable for progress lines (and a progress bar), or None for silence.
     Returns ``(model_dir, model, tokenizer)``; ``model_dir`` holds a Hugging Face checkpoint with the tokenizer.
     """
     from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
@@ -253,22 +344,29 @@ def warm_start(task: ToyTask | None = None, *, cache_dir: str | os.PathLike | No
     task = task or ToyTask()
     root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     model_dir = root / f"toy-{task.key()}"
-    if (model_dir / "config.json").is_file() and (model_dir / "tokenizer.json").is_file():
+    record = read_record(model_dir)
+    if record is not None and (model_dir / "config.json").is_file() and (model_dir / "tokenizer.json").is_file():
         if log is not None:
-            log(f"warm start: cached at {model_dir}")
+            log(f"warm start: cached at {model_dir} (held-out accuracy {record['accuracy']:.3f} after "
+                f"{record['steps']} steps)")
         tokenizer = PreTrainedTokenizerFast.from_pretrained(model_dir)
         return model_dir, AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32), tokenizer
+    if log is not None:
+        log(f"warm start: training the toy model (cached afterwards in {model_dir}; set VPGEA_CACHE to move it)")
     tokenizer = build_tokenizer()
     model = build_model(task, tokenizer)
-    _sft(model, tokenizer, task, log)
+    record = _sft(model, tokenizer, task, progress=log is not None)
     # Atomic publish: a crash mid-save never leaves a half-written cache entry behind.
     tmp = root / f".tmp-{model_dir.name}-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
-    (tmp / "toy_task.json").write_text(json.dumps(asdict(task), indent=1))
+    (tmp / RECORD).write_text(json.dumps(record, indent=1))
     if model_dir.exists():
         shutil.rmtree(model_dir)
     os.replace(tmp, model_dir)
+    if log is not None:
+        log(f"warm start: held-out accuracy {record['accuracy']:.3f} after {record['steps']} steps; cached at "
+            f"{model_dir}")
     return model_dir, model, tokenizer

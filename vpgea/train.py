@@ -22,8 +22,18 @@ from pathlib import Path
 
 import torch
 
-from vpgea.checkpoint import capture_rng, load_optimizer_state, load_trainer_state, restore_rng, save_checkpoint
-from vpgea.config import TrainConfig, parse_args, save_config
+from vpgea.checkpoint import (
+    CheckpointError,
+    capture_rng,
+    latest_checkpoint,
+    load_optimizer_state,
+    load_trainer_state,
+    recover_leftovers,
+    restore_rng,
+    save_checkpoint,
+)
+from vpgea.config import TrainConfig, check_resume, parse_args, save_config, saved_config
+from vpgea.data import read_jsonl_log
 from vpgea.distributed import (
     DistInfo,
     all_ranks_agree,
@@ -37,7 +47,9 @@ from vpgea.distributed import (
 )
 from vpgea.methods import make_method
 from vpgea.prompts import answer_tail, student_prompt, teacher_prompt
+from vpgea.rundir import RunLock, RunLocked, atomic_write_text
 from vpgea.step import StepContext, rollouts, score, update
+from vpgea.toy import WarmStartError
 from vpgea.tracking import check_report_to, open_tracker
 
 __all__ = ["main", "train"]
@@ -106,11 +118,17 @@ def questions_per_rank(cfg: TrainConfig, info: DistInfo) -> int:
 
 
 class _Stop:
-    """SIGINT/SIGTERM set a flag; the loop saves a checkpoint after the current step and exits cleanly."""
+    """SIGINT/SIGTERM set a flag; the loop saves a checkpoint after the current step and exits with 128 + signal.
+
+    A second signal aborts the step at once (no save; the last checkpoint stays) and still exits with the first
+    signal's code. A signal that arrives while a checkpoint is being written waits for the save to finish: a save
+    is never cut off half-way (if it fails for another reason it is rolled back, and the previous checkpoint
+    stays). ``kill -9`` remains the way to stop at once; the newest published checkpoint is complete either way."""
 
     def __init__(self) -> None:
         self.signum: int | None = None
         self._old: dict = {}
+        self._saving = False
 
     def __enter__(self):
         for sig in (signal.SIGINT, signal.SIGTERM):
@@ -119,10 +137,23 @@ class _Stop:
         return self
 
     def _handle(self, signum, frame) -> None:
-        if self.signum is not None:  # second signal: give up immediately
-            raise KeyboardInterrupt
-        self.signum = signum
-        log(f"signal {signum}: finishing this step, saving a checkpoint, then exiting")
+        if self.signum is None:
+            self.signum = signum
+            log(f"signal {signum}: finishing this step, saving a checkpoint, then exiting"
+                + (" (after the save under way)" if self._saving else ""))
+        elif self._saving:
+            log(f"signal {signum}: a checkpoint is being written; exiting when it is complete")
+        else:  # a second signal: give up this step; the last checkpoint stays
+            raise Interrupted(self.signum, None)
+
+    @contextlib.contextmanager
+    def saving(self):
+        """Signals inside this block are recorded, never raised: the save finishes (or rolls itself back)."""
+        self._saving = True
+        try:
+            yield
+        finally:
+            self._saving = False
 
     def __exit__(self, *exc) -> None:
         for sig, old in self._old.items():
@@ -130,8 +161,9 @@ class _Stop:
 
 
 class Interrupted(Exception):
-    def __init__(self, signum: int, checkpoint: Path):
-        super().__init__(f"interrupted by signal {signum}; checkpoint at {checkpoint}")
+    def __init__(self, signum: int, checkpoint: Path | None):
+        where = f"checkpoint at {checkpoint}" if checkpoint else "stopped before saving; the last checkpoint stays"
+        super().__init__(f"interrupted by signal {signum}; {where}")
         self.signum, self.checkpoint = signum, checkpoint
 
 
@@ -167,14 +199,17 @@ def train(cfg: TrainConfig, policy, tokenizer, items: list[Item], out_dir: Path,
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg))
     start = 0
     metrics_path = out_dir / "metrics.jsonl"
+    if info.is_main:  # what an interrupted save or keep-last deletion left (the caller holds the run lock)
+        for line in recover_leftovers(out_dir):
+            log(f"{out_dir}: {line}")
     if resume is not None:
         load_optimizer_state(resume["_dir"], policy, opt)
         sched.load_state_dict(resume["scheduler"])
         restore_rng(resume["rng"])
         start = int(resume["step"])
-        if info.is_main and metrics_path.exists():  # drop lines past the checkpoint: they are recomputed
-            keep = [ln for ln in metrics_path.read_text().splitlines() if ln and json.loads(ln)["step"] <= start]
-            metrics_path.write_text("".join(ln + "\n" for ln in keep))
+        if info.is_main and metrics_path.exists():  # drop lines past the checkpoint (recomputed) and a partial one
+            keep = [r for r in read_jsonl_log(metrics_path) if r.get("step", 0) <= start]
+            atomic_write_text(metrics_path, "".join(json.dumps(r) + "\n" for r in keep))
     elif info.is_main and metrics_path.exists():
         metrics_path.unlink()
     barrier(info)
@@ -183,11 +218,11 @@ def train(cfg: TrainConfig, policy, tokenizer, items: list[Item], out_dir: Path,
 
     def state(step: int) -> dict:
         return {"scheduler": sched.state_dict(), "rng": capture_rng(), "data_position": step * n_q,
-                "mode": cfg.mode, "config": dataclasses.asdict(cfg)}
+                "mode": cfg.mode, "config": saved_config(cfg)}
 
     last: dict = {}
     bar = tqdm(range(start, cfg.max_steps), initial=start, total=cfg.max_steps, desc=cfg.mode, file=sys.stderr,
-               dynamic_ncols=True, disable=None if info.is_main else True)
+               dynamic_ncols=True, disable=not info.is_main)
     mfile = open(metrics_path, "a") if info.is_main else contextlib.nullcontext()
     tracker = open_tracker(cfg, out_dir, enabled=info.is_main, resume_step=start)  # issue 18: --report-to
     with _Stop() as stop, mfile, tracker:
@@ -227,20 +262,22 @@ def train(cfg: TrainConfig, policy, tokenizer, items: list[Item], out_dir: Path,
                 tracker.log(last)  # issue 18: the same record to TensorBoard / W&B
                 if last["no_pass_questions"]:
                     bar.write(f"step {step + 1}: {last['no_pass_questions']}/{n_q} questions had no posterior path "
-                              "passing cross-view validation (zero advantages)")
+                              "passing cross-view validation (zero advantages)", file=sys.stderr)
                 if (step + 1) % cfg.log_every == 0:
                     post = last["posterior_len"]
-                    bar.set_postfix_str(f"loss {last['loss']:+.4f} | len {last['prior_len']:5.1f}/"
-                                        f"{'  -  ' if post is None else f'{post:5.1f}'} | "
-                                        f"acc {last['acc_prior']:.2f} | {last['tokens_per_s']:.0f} tok/s")
+                    post_s = "" if post is None else f" teacher {post:5.1f}"
+                    bar.set_postfix_str(f"loss {last['loss']:+.4f} | len student {last['prior_len']:5.1f}{post_s} | "
+                                        f"student acc {last['acc_prior']:.2f} | {last['tokens_per_s']:.0f} tok/s")
 
             # --- checkpoint (a signal on any rank stops every rank)
             interrupted = not all_ranks_agree(stop.signum is None, info)
             done = step + 1 == cfg.max_steps
             if interrupted or done or (step + 1) % cfg.save_every == 0:
-                path = save_checkpoint(out_dir, step + 1, model=policy, tokenizer=tokenizer,
-                                       trainer_state=state(step + 1), optimizer=opt, keep_last=cfg.keep_last,
-                                       info=info)
+                with stop.saving():
+                    path = save_checkpoint(out_dir, step + 1, model=policy, tokenizer=tokenizer,
+                                           trainer_state=state(step + 1), optimizer=opt, keep_last=cfg.keep_last,
+                                           info=info)
+                interrupted = interrupted or not all_ranks_agree(stop.signum is None, info)  # one during the save
                 if interrupted:
                     bar.close()
                     raise Interrupted(stop.signum or signal.SIGTERM, path)
@@ -253,7 +290,7 @@ def train(cfg: TrainConfig, policy, tokenizer, items: list[Item], out_dir: Path,
 
 
 def evaluate(cfg: TrainConfig, engine, tokenizer, examples, results_path: Path | None = None,
-             info: DistInfo | None = None) -> dict:
+             info: DistInfo | None = None, desc: str = "eval") -> dict:
     """ACC, A.Tok and eps3 through ``vpgea.eval`` with the training student-view prompt. Under torchrun each rank
     answers its share of the problems; rank 0 gathers the records, writes ``results_path`` and summarises, and every
     rank returns the summary."""
@@ -267,7 +304,8 @@ def evaluate(cfg: TrainConfig, engine, tokenizer, examples, results_path: Path |
               batch_size=cfg.rollout_batch_size,
               prompt_fn=lambda ex: student_prompt(cfg, tokenizer, ex.question,
                                                   history=getattr(ex, "history", ())),
-              seed=cfg.seed, shard=(info.rank, info.world_size), grade=load_reward(cfg.reward))
+              seed=cfg.seed, shard=(info.rank, info.world_size), grade=load_reward(cfg.reward),
+              progress=desc if info.is_main else False)
     part = results_path
     if info.enabled and results_path is not None:
         part = results_path.with_name(f"{results_path.stem}.rank{info.rank}.jsonl")
@@ -276,7 +314,7 @@ def evaluate(cfg: TrainConfig, engine, tokenizer, examples, results_path: Path |
     if info.is_main:
         records = sorted((r for p in parts for r in p), key=lambda r: (r["problem"], r["sample"]))
         if info.enabled and results_path is not None:
-            results_path.write_text("".join(json.dumps(r) + "\n" for r in records))
+            atomic_write_text(results_path, "".join(json.dumps(r) + "\n" for r in records))
             for r in range(info.world_size):
                 results_path.with_name(f"{results_path.stem}.rank{r}.jsonl").unlink(missing_ok=True)
         full = summarize(records)
@@ -288,6 +326,18 @@ def evaluate(cfg: TrainConfig, engine, tokenizer, examples, results_path: Path |
 
 def fmt(r: dict) -> str:
     return f"acc {r['acc']:.3f} | avg tokens {r['avg_tokens']:.1f} | eps3 {r['eps3']:.5f}"
+
+
+TABLE_ROWS = {"before": "warm start", "vpgea": "VPG-EA", "grpo_lp": "grpo-lp", "after": "after training"}
+
+
+def table(summary: dict) -> str:
+    """The run's evaluations as the Markdown table the README shows."""
+    lines = ["| model | ACC | A.Tok | eps3 = ACC^2 / A.Tok |", "|---|---|---|---|"]
+    for key, label in TABLE_ROWS.items():
+        if isinstance(r := summary.get(key), dict) and "acc" in r:
+            lines.append(f"| {label} | {r['acc']:.3f} | {r['avg_tokens']:.1f} | {r['eps3']:.4f} |")
+    return "\n".join(lines)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -325,6 +375,19 @@ def _load_weights(hf_model, checkpoint_dir: str) -> None:
     hf_model.load_state_dict(src.state_dict())
 
 
+def _resume_state(cfg: TrainConfig, modes: tuple[str, ...] | None = None) -> dict | None:
+    """The ``--resume`` checkpoint's trainer state, its settings checked against ``cfg`` (ValueError naming each
+    difference). ``modes``: the toy run's sequence of trainers; the checkpoint may be any one of them."""
+    if not cfg.resume:
+        return None
+    state = load_trainer_state(cfg.resume)
+    mode = state.get("mode", cfg.mode)
+    ref = dataclasses.replace(cfg, mode=mode) if modes is not None and mode in modes else cfg
+    for line in check_resume(ref, state.get("config", {})):
+        log(f"--resume: accepted {line}")
+    return state
+
+
 def run_toy(cfg: TrainConfig, info: DistInfo) -> dict:
     """The default run: warm start (cached), evaluate, VPG-EA, evaluate, grpo-lp from the same start, evaluate."""
     from transformers import AutoModelForCausalLM
@@ -334,9 +397,10 @@ def run_toy(cfg: TrainConfig, info: DistInfo) -> dict:
     t_start = time.perf_counter()
     torch.manual_seed(cfg.seed)
     out = Path(cfg.output_dir)
-    if info.is_main:
-        out.mkdir(parents=True, exist_ok=True)
-    task = toy.ToyTask(sft_steps=cfg.toy_sft_steps)
+    modes = tuple([cfg.mode] + (["grpo-lp"] if cfg.baseline and cfg.mode == "vpgea" else []))
+    resume = _resume_state(cfg, modes)  # before the warm start: a refused resume fails in seconds
+    task = toy.ToyTask(sft_steps=cfg.toy_sft_steps, sft_max_steps=cfg.toy_sft_max_steps,
+                       min_accuracy=cfg.toy_min_accuracy)
     if info.is_main:  # one rank trains the warm start; the others load it from the cache
         toy.warm_start(task, log=log)
     barrier(info)
@@ -345,7 +409,6 @@ def run_toy(cfg: TrainConfig, info: DistInfo) -> dict:
     eval_ex = toy.make_examples(cfg.eval_limit or 500, seed=cfg.seed + 2, task=task, split="eval")
     items, skipped = prepare(cfg, tokenizer, train_ex)
     summary_path = out / "summary.json"
-    resume = load_trainer_state(cfg.resume) if cfg.resume else None
     summary = json.loads(summary_path.read_text()) if resume is not None and summary_path.exists() else {}
 
     def fresh_model():
@@ -353,13 +416,13 @@ def run_toy(cfg: TrainConfig, info: DistInfo) -> dict:
 
     def save_summary():
         if info.is_main:
-            summary_path.write_text(json.dumps(summary, indent=1))
+            atomic_write_text(summary_path, json.dumps(summary, indent=1))
 
     if "before" not in summary:
         policy, engine = build(cfg, fresh_model(), tokenizer, info)
-        summary["before"] = evaluate(cfg, engine, tokenizer, eval_ex, out / "eval_before.jsonl", info)
+        summary["before"] = evaluate(cfg, engine, tokenizer, eval_ex, out / "eval_before.jsonl", info,
+                                     desc="eval warm start")
         log(f"before   | {fmt(summary['before'])}")
-    modes = [cfg.mode] + (["grpo-lp"] if cfg.baseline and cfg.mode == "vpgea" else [])
     for mode in modes:
         key = mode.replace("-", "_")
         if key in summary:
@@ -372,7 +435,8 @@ def run_toy(cfg: TrainConfig, info: DistInfo) -> dict:
             r = resume
         policy, engine = build(mcfg, hf, tokenizer, info)
         train(mcfg, policy, tokenizer, items, out / key, engine=engine, skipped=skipped, resume=r, info=info)
-        summary[key] = evaluate(mcfg, engine, tokenizer, eval_ex, out / f"eval_{key}.jsonl", info)
+        summary[key] = evaluate(mcfg, engine, tokenizer, eval_ex, out / f"eval_{key}.jsonl", info,
+                                desc=f"eval {mode}")
         log(f"{key:8s} | {fmt(summary[key])}")
         save_summary()
     summary["wall_time_s"] = summary.get("wall_time_s", 0.0) + time.perf_counter() - t_start
@@ -412,72 +476,110 @@ def run_real(cfg: TrainConfig, info: DistInfo) -> dict:
     if skipped:
         log(f"skipped {skipped} of {len(examples)} training prompts longer than --max-prompt-tokens "
             f"{cfg.max_prompt_tokens}")
-    resume = load_trainer_state(cfg.resume) if cfg.resume else None
+    resume = _resume_state(cfg)
     src = resume["_dir"] if resume is not None else model_dir
     # fp32 master weights; bf16 comes from autocast (one GPU) or FSDP2's mixed precision (several).
     hf = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32, local_files_only=True)
     policy, engine = build(cfg, hf, tokenizer, info)
     summary: dict = {}
     if eval_ex is not None and resume is None:
-        summary["before"] = evaluate(cfg, engine, tokenizer, eval_ex, out / "eval_before.jsonl", info)
+        summary["before"] = evaluate(cfg, engine, tokenizer, eval_ex, out / "eval_before.jsonl", info,
+                                     desc="eval before")
         log(f"before | {fmt(summary['before'])}")
     summary["train"] = train(cfg, policy, tokenizer, items, out, engine=engine, skipped=skipped, resume=resume,
                              info=info)
     if eval_ex is not None:
-        summary["after"] = evaluate(cfg, engine, tokenizer, eval_ex, out / "eval_after.jsonl", info)
+        summary["after"] = evaluate(cfg, engine, tokenizer, eval_ex, out / "eval_after.jsonl", info,
+                                    desc="eval after")
         log(f"after  | {fmt(summary['after'])}")
     if info.is_main:
-        (out / "summary.json").write_text(json.dumps(summary, indent=1))
+        atomic_write_text(out / "summary.json", json.dumps(summary, indent=1))
     return summary
 
 
 def startup_checks(cfg: TrainConfig) -> None:
-    """issue 18: what can fail fast, before any model or data is loaded: the --report-to packages, the --reward
-    function (imported and its signature checked). ValueError with the reason."""
+    """What can fail fast, before any model or data is loaded: the --report-to packages, the --reward function
+    (imported and its signature checked). ValueError with the reason."""
     from vpgea.rewards import load_reward
 
     check_report_to(cfg.report_to)
     load_reward(cfg.reward)
 
 
+@contextlib.contextmanager
+def run_lock(cfg: TrainConfig, info: DistInfo):
+    """Hold the output directory's run lock for the run (rank 0 takes it; every rank stops if it cannot)."""
+    lock, refused = None, None
+    if info.is_main:
+        try:
+            lock = RunLock(cfg.output_dir, "vpgea.train run").acquire()
+        except RunLocked as e:
+            refused = str(e)
+    refused = broadcast_object(refused, info)
+    if refused:
+        raise RunLocked(refused)
+    try:
+        yield
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _where(cfg: TrainConfig, summary: dict) -> str:
+    """Where the run wrote its summary and checkpoints."""
+    out = Path(cfg.output_dir)
+    dirs = [out / k for k in summary if (out / k).is_dir()] if cfg.is_toy else [out]
+    ckpts = [str(c) for d in dirs if (c := latest_checkpoint(d)) is not None]
+    return f"wrote {out / 'summary.json'}; checkpoints: {', '.join(ckpts) or 'none'}"
+
+
 def main(argv: list[str] | None = None) -> int:
-    # issue 18: a bad config file or value, a missing tracker package or a bad --reward exits 2 before any model loads
+    # A bad config file or value, a missing tracker package or a bad --reward exits 2 before any model loads.
     try:
         cfg = parse_args(argv)
         startup_checks(cfg)
     except (FileNotFoundError, ValueError) as e:
-        log(f"error: {e}")
+        print(f"error: {e}", file=sys.stderr, flush=True)
         return 2
+    for w in cfg.warnings():
+        log(f"warning: {w}")
     if cfg.engine == "vllm":
         import importlib.util
 
         if importlib.util.find_spec("vllm") is None:  # fail at start-up, not after the model has loaded
-            raise SystemExit("--engine vllm: the vllm package is not installed (pip install 'vpgea[vllm]')")
+            print("error: --engine vllm: the vllm package is not installed (pip install 'vpgea[vllm]')",
+                  file=sys.stderr, flush=True)
+            return 2
     if cfg.device != "auto" and cfg.device.startswith("cuda") and not torch.cuda.is_available():
         log(f"error: --device {cfg.device}: CUDA is not available on this machine")
         return 2
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # no "Loading weights" / "Writing model shards" bar per model load and save
     info = init_distributed(None if cfg.device == "auto" else cfg.device)
     where = f"rank {info.rank}: " if info.enabled else ""
-    if info.is_main:
-        save_config(cfg, cfg.output_dir)  # issue 18: the resolved config as <output_dir>/config.json
-    if not info.is_main:
-        from transformers.utils import logging as hf_logging
-
-        hf_logging.disable_progress_bar()  # one set of "Loading weights" bars, from rank 0
     try:
         questions_per_rank(cfg, info)  # before any model is loaded
-        summary = run_toy(cfg, info) if cfg.is_toy else run_real(cfg, info)
+        with run_lock(cfg, info):
+            if info.is_main:  # the resolved config as <output_dir>/config.json, once the directory is ours
+                save_config(cfg, cfg.output_dir)
+            summary = run_toy(cfg, info) if cfg.is_toy else run_real(cfg, info)
     except Interrupted as e:
         log(str(e))
         shutdown(info)
         return 128 + e.signum
-    except (FileNotFoundError, ValueError) as e:
+    except (FileNotFoundError, ValueError, RunLocked) as e:
         # Printed by every rank that hits it (input errors hit them all alike); torchrun then stops the others.
         print(f"{where}error: {e}", file=sys.stderr, flush=True)
         return 2
+    except (WarmStartError, CheckpointError, FloatingPointError) as e:  # the run failed; its last checkpoint stays
+        print(f"{where}error: {e}", file=sys.stderr, flush=True)
+        return 1
     shutdown(info)
-    if cfg.is_toy and info.is_main:
-        print(json.dumps({k: summary[k] for k in ("before", "vpgea", "grpo_lp") if k in summary}, indent=1))
+    if info.is_main:
+        log(_where(cfg, summary))
+        if cfg.is_toy:
+            print(table(summary), flush=True)
     return 0
 
 

@@ -1,4 +1,4 @@
-"""A transformers-based rollout engine: batched sampling with a KV cache, on CPU or GPU.
+"""A transformers-based rollout engine: batched sampling with a KV cache (a ``DynamicCache``), on CPU or GPU.
 
 A hand-written decode loop rather than ``model.generate`` so that seeded sampling is per prompt (each row draws
 from its own ``torch.Generator``; ``generate`` only uses the global RNG) and so that the loop stays the same across
@@ -9,14 +9,33 @@ padded prompt sees the same positions as it would alone.
 from __future__ import annotations
 
 import contextlib
+import functools
+import inspect
 from collections.abc import Sequence
 
 import torch
 
 from vpgea.engines.base import GenerationOutput, check_generate_args, resolve_seeds, stop_ids, unwrap_model
 
-__all__ = ["HFEngine", "sample_next"]
+__all__ = ["HFEngine", "new_kv_cache", "sample_next"]
 
+
+@functools.cache
+def _cache_keyword(forward) -> str:
+    """The keyword a model's ``forward`` takes its KV ``Cache`` under: ``cache`` since transformers renamed it
+    (5.25 warns that ``past_key_values`` goes away in 5.40), ``past_key_values`` before (5.17 on the GPU machine,
+    4.56, the oldest we support). ``inspect.signature`` sees through the renaming decorator (``functools.wraps``)."""
+    return "cache" if "cache" in inspect.signature(forward).parameters else "past_key_values"
+
+
+def new_kv_cache(model) -> dict:
+    """Keyword arguments that make ``model(...)`` fill a new, empty ``DynamicCache`` (the documented ``Cache`` API;
+    the model updates the object in place, so the decode loop passes the same object on every step and never
+    reads a cache back from the outputs). The cache is built from the model's config, so sliding-window and
+    hybrid layers get the layer types they need."""
+    from transformers import DynamicCache
+
+    return {_cache_keyword(type(model).forward): DynamicCache(config=model.config)}
 
 
 def sample_next(
@@ -191,9 +210,9 @@ class HFEngine:
         next_pos = position_ids[:, -1:] + 1  # [B, 1]
         stop = torch.tensor(self.stop_token_ids, device=device)
 
-        out = self.model(
-            input_ids=input_ids, attention_mask=mask, position_ids=position_ids, use_cache=True, logits_to_keep=1
-        )
+        cache = new_kv_cache(self.model)  # {"cache" | "past_key_values": DynamicCache}, filled in place
+        out = self.model(input_ids=input_ids, attention_mask=mask, position_ids=position_ids, use_cache=True,
+                         logits_to_keep=1, **cache)
         finished = torch.zeros(B, dtype=torch.bool, device=device)
         stopped = torch.zeros(B, dtype=torch.bool, device=device)
         tokens = []
@@ -208,13 +227,8 @@ class HFEngine:
             if bool(finished.all()) or step == max_new_tokens - 1:
                 break
             mask = torch.cat([mask, torch.ones((B, 1), dtype=mask.dtype, device=device)], dim=1)
-            out = self.model(
-                input_ids=tok[:, None],
-                attention_mask=mask,
-                position_ids=next_pos,
-                past_key_values=out.past_key_values,
-                use_cache=True,
-            )
+            out = self.model(input_ids=tok[:, None], attention_mask=mask, position_ids=next_pos, use_cache=True,
+                             **cache)
             next_pos = next_pos + 1
         gen = torch.stack(tokens, dim=1).cpu()  # [B, n]
         stopped = stopped.cpu()
