@@ -399,6 +399,8 @@ def run_toy(cfg: TrainConfig, info: DistInfo) -> dict:
     out = Path(cfg.output_dir)
     modes = tuple([cfg.mode] + (["grpo-lp"] if cfg.baseline and cfg.mode == "vpgea" else []))
     resume = _resume_state(cfg, modes)  # before the warm start: a refused resume fails in seconds
+    if info.is_main:  # the resolved config as <output_dir>/config.json, once the directory is ours and resume agreed
+        save_config(cfg, cfg.output_dir)
     task = toy.ToyTask(sft_steps=cfg.toy_sft_steps, sft_max_steps=cfg.toy_sft_max_steps,
                        min_accuracy=cfg.toy_min_accuracy)
     if info.is_main:  # one rank trains the warm start; the others load it from the cache
@@ -477,6 +479,8 @@ def run_real(cfg: TrainConfig, info: DistInfo) -> dict:
         log(f"skipped {skipped} of {len(examples)} training prompts longer than --max-prompt-tokens "
             f"{cfg.max_prompt_tokens}")
     resume = _resume_state(cfg)
+    if info.is_main:  # the resolved config as <output_dir>/config.json, once the directory is ours and resume agreed
+        save_config(cfg, cfg.output_dir)
     src = resume["_dir"] if resume is not None else model_dir
     # fp32 master weights; bf16 comes from autocast (one GPU) or FSDP2's mixed precision (several).
     hf = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32, local_files_only=True)
@@ -561,8 +565,6 @@ def main(argv: list[str] | None = None) -> int:
     try:
         questions_per_rank(cfg, info)  # before any model is loaded
         with run_lock(cfg, info):
-            if info.is_main:  # the resolved config as <output_dir>/config.json, once the directory is ours
-                save_config(cfg, cfg.output_dir)
             summary = run_toy(cfg, info) if cfg.is_toy else run_real(cfg, info)
     except Interrupted as e:
         log(str(e))
