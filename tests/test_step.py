@@ -180,3 +180,22 @@ def test_u_span_scores_the_answer_given_the_marker():
     first = len(prompt) + len(path) - 1  # the position predicting the tail's first token
     torch.testing.assert_close(got[0].double(), logp[first + 7 : first + 9].sum(), rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(got[1].double(), logp[first : first + len(tail)].sum(), rtol=1e-5, atol=1e-5)
+
+
+def test_modes_compare_on_a_real_model(tiny_model_dir, tmp_path):
+    """--modes on a real model directory: each mode from the same start into its own folder, each evaluated, one
+    summary.json entry per mode beside "before"."""
+    data = tmp_path / "train.jsonl"
+    data.write_text("".join(json.dumps({"question": f"{a} +{b}", "answer": f"#### {(a + b) % 10}"}) + "\n"
+                            for a in range(3) for b in range(1, 3)))
+    out = tmp_path / "out"
+    assert train.main(["--model", str(tiny_model_dir), "--train-data", str(data), "--eval-data", str(data),
+                       "--eval-limit", "2", "--output-dir", str(out), "--max-steps", "1", "--questions-per-step", "2",
+                       "--group-size", "2", "--prior-samples", "1", "--max-new-tokens", "6", "--instruction", "",
+                       "--student-template", "{question}", "--teacher-template", "{question} hint {answer}",
+                       "--answer-tail", "\\boxed{{ {answer} }}", "--modes", "vpgea,rft-shortest"]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert {"before", "vpgea", "rft_shortest"} <= set(summary)
+    for key in ("vpgea", "rft_shortest"):
+        assert {"acc", "avg_tokens", "eps3"} <= set(summary[key])
+        assert len(_metrics(out / key / "metrics.jsonl")) == 1

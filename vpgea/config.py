@@ -81,6 +81,10 @@ class TrainConfig:
     """Rollout engine: "hf" (transformers, everywhere) or "vllm" (needs the vllm extra)."""
     vllm_gpu_memory_utilization: float = 0.3
     """--engine vllm: fraction of the GPU vLLM may take while awake (weights + KV cache); it sleeps while training."""
+    modes: str | None = None
+    """Comma-separated modes trained from the same start on the same budget, each evaluated, one summary.json entry
+    each (e.g. "vpgea,grpo-lp,thinkprune,l1-max,rft-shortest,ibpo,no-cross-view"). Default: the toy run trains
+    --mode and, with --baseline, grpo-lp; a real run trains --mode alone."""
     baseline: bool = True
     """Toy run only: after VPG-EA, also train grpo-lp from the same warm start on the same budget and compare."""
     resume: str | None = None
@@ -139,6 +143,8 @@ class TrainConfig:
     """l1-*: the length penalty's slope a (published default)."""
     l1_delta: float = 0.5
     """l1-max: the offset delta (published default)."""
+    l1_eval_target: int | None = None
+    """l1-*: the length target the trained model is evaluated with (default: the middle of --l1-range)."""
     ibpo_budget: float = 0.25
     """ibpo: the largest share of reinforced responses that may come from the extended length group."""
     ibpo_threshold: int | None = None
@@ -214,6 +220,9 @@ class TrainConfig:
     """Toy run: bound on warm-start steps; rounds continue until the held-out accuracy check passes, else an error."""
     toy_min_accuracy: float = 0.5
     """Toy run: held-out accuracy (sampled at temperature 1) the warm start must reach; 0 accepts any model."""
+    toy_variant: str = "answer-aware"
+    """Toy run: "answer-aware" (the teacher view reasons more concisely and sometimes leaks the hint: VPG-EA's
+    premise) or "same-hint" (hinted traces as the student's: the earlier toy, for comparison). See vpgea.toy."""
 
     def __post_init__(self) -> None:
         def need(cond: bool, msg: str) -> None:
@@ -227,6 +236,10 @@ class TrainConfig:
         need(self.mode in MODES, f"mode must be one of {MODES}, got {self.mode!r}")
         need(self.engine in ("hf", "vllm"), f"engine must be 'hf' or 'vllm', got {self.engine!r}")
         need(self.normalize in NORMALIZE, f"normalize must be one of {NORMALIZE}, got {self.normalize!r}")
+        for m in self.mode_list():
+            need(m in MODES, f"modes: {m!r} is not a mode; one of {MODES}")
+        need(self.toy_variant in ("answer-aware", "same-hint"),
+             f"toy_variant must be 'answer-aware' or 'same-hint', got {self.toy_variant!r}")
         need(self.u_tokens in ("answer", "tail"), f"u_tokens must be 'answer' or 'tail', got {self.u_tokens!r}")
         need(self.loss_route in ("sweep", "two-pass"), f"loss_route must be 'sweep' or 'two-pass', got "
              f"{self.loss_route!r}")
@@ -264,6 +277,12 @@ class TrainConfig:
         self.report_to = tuple(dict.fromkeys(r for r in report if r != "none"))
         need(isinstance(self.reward, str) and ":" in self.reward,
              f"reward must be 'module:function' or 'path/to/file.py:function', got {self.reward!r}")
+
+    def mode_list(self) -> list[str]:
+        """The modes this run trains, in order (see ``modes``)."""
+        if self.modes:
+            return list(dict.fromkeys(m.strip() for m in self.modes.split(",") if m.strip()))
+        return [self.mode] + (["grpo-lp"] if self.is_toy and self.baseline and self.mode == "vpgea" else [])
 
     @property
     def is_toy(self) -> bool:
@@ -395,6 +414,10 @@ def preset_toy(**overrides) -> TrainConfig:
         answer_tail="\\boxed{{ {answer} }}",
         save_every=1000,
         output_dir="runs/toy",
+        # the baselines at the toy's scale (its traces run to ~50 tokens, at most 96)
+        length_schedule="0:96,20:64,40:48",
+        l1_range=(16, 96),
+        l1_prompt="budget {target}",
     )
     base.update(overrides)
     return TrainConfig(**base)

@@ -850,8 +850,8 @@ def linear_logprob_loss(
         route: ``"sweep"``: the hidden, head and bias gradients are produced while the log-probs are computed (three
             GEMMs, fp32 logits of at most 1 GiB of rows at a time; the backward only scales them); ``"two-pass"``:
             ``token_logprobs`` forward, logits recomputed in the backward (four GEMMs, a bounded workspace).
-        impl: as ``token_logprobs``; for the sweep, ``"torch"`` uses torch ops for the lse/dz step, anything else the
-            Triton row kernel where Triton runs.
+        impl: as ``token_logprobs``: for the sweep's lse/dz step, ``"triton"`` is the Triton row kernel (CUDA, or the
+            CPU interpreter), ``"torch"`` torch ops, ``"auto"`` Triton on CUDA and torch elsewhere.
 
     Returns:
         ``(loss, logps)``: the 0-d fp32 loss (differentiable) and the ``[N]`` fp32 log-probs (detached; 0 where the
@@ -883,6 +883,7 @@ def linear_logprob_loss(
                                  f"targets[{i}] = {int(targets[i])}")
         from vpgea.kernels._utils import triton_runnable
 
-        params = _SweepParams(1.0 / float(temperature), ignore_index, impl != "torch" and triton_runnable(h.device),
-                              torch.is_grad_enabled())
+        # As token_logprobs: "auto" is Triton on CUDA and torch elsewhere; "triton" also runs under the interpreter.
+        row_kernel = triton_runnable(h.device) and (impl == "triton" or (impl == "auto" and h.is_cuda))
+        params = _SweepParams(1.0 / float(temperature), ignore_index, row_kernel, torch.is_grad_enabled())
         return _LinearSweep.apply(h, w, b, targets.long(), coefs.float().contiguous(), params)

@@ -36,6 +36,7 @@ class Sample:
     ids: list[int]  # generated tokens, the stop token included
     path: list[int]  # z: the response before its last final-answer marker
     correct: bool  # its own answer, checked against the reference
+    leak: bool | None = None  # the toy only: boxes an answer its path does not derive (None: unknown)
 
 
 @dataclass
@@ -118,6 +119,9 @@ class StepStats:
     n_correct: float = 0.0
     pass_wrong: float = 0.0  # ... that pass although their own answer is wrong
     n_wrong: float = 0.0
+    pass_leak: float = 0.0  # the toy: posterior paths that box the hint without deriving it, and pass
+    n_leak: float = 0.0
+    leak_paths: float = 0.0  # posterior paths whose leak status is known (the toy)
     # baselines (zero where they do not apply)
     limit: float = 0.0  # thinkprune: the token limit, summed over questions
     target: float = 0.0  # l1-*: the length target asked for, summed over questions
@@ -159,6 +163,8 @@ class StepStats:
             "gated_len": ratio(self.gated_len, self.gated_n),
             "pass_correct": ratio(self.pass_correct, self.n_correct),
             "pass_wrong": ratio(self.pass_wrong, self.n_wrong),
+            "pass_leak": ratio(self.pass_leak, self.n_leak),
+            "leak_frac": ratio(self.n_leak, self.leak_paths),
             "length_limit": ratio(self.limit, q) if self.limit else None,
             "l1_target": ratio(self.target, q) if self.target else None,
             "reinforced_frac": ratio(self.reinforced, self.candidates),
@@ -314,6 +320,10 @@ class VPGEA(Method):
             st.u_prior, st.u_post, st.u_n = float(group.u_prior.mean()), float(group.u_post.mean()), 1.0
             st.pass_correct, st.n_correct = float((sc.passed & correct).sum()), float(correct.sum())
             st.pass_wrong, st.n_wrong = float((sc.passed & ~correct).sum()), float((~correct).sum())
+            if all(s.leak is not None for s in post):
+                leak = torch.tensor([bool(s.leak) for s in post])
+                st.pass_leak, st.n_leak = float((sc.passed & leak).sum()), float(leak.sum())
+                st.leak_paths = float(len(post))
         return st
 
 

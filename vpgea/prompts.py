@@ -10,7 +10,7 @@ last user message, and the messages before it (a system prompt, earlier turns) a
 
 from __future__ import annotations
 
-__all__ = ["encode_user", "student_prompt", "teacher_prompt", "answer_tail"]
+__all__ = ["encode_user", "student_prompt", "teacher_prompt", "answer_tail", "eval_extra"]
 
 
 def encode_user(tokenizer, content: str, history=()) -> list[int]:
@@ -75,3 +75,12 @@ def answer_tail(cfg, tokenizer, answer: str) -> tuple[list[int], tuple[int, int]
     if not inside:
         raise ValueError(f"answer tail {text!r}: no token covers the answer {answer!r}")
     return ids + stop, (inside[0], inside[-1] + 1)
+
+
+def eval_extra(cfg) -> str | None:
+    """The line an evaluation appends to the student message for ``cfg.mode``: L1's length request at
+    ``l1_eval_target`` (default: the middle of ``l1_range``) for the L1 modes, else None."""
+    if not str(cfg.mode).startswith("l1-"):
+        return None
+    target = cfg.l1_eval_target if cfg.l1_eval_target is not None else sum(cfg.l1_range) // 2
+    return cfg.l1_prompt.format(target=target)

@@ -42,6 +42,7 @@ class StepContext:
     method: Method
     amp: Callable[[], contextlib.AbstractContextManager]  # bf16 autocast on one GPU, else a null context
     step: int = 0
+    leak_fn: Callable[[str, str], bool] | None = None  # the toy: does a response box an answer it did not derive?
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -79,7 +80,9 @@ def rollouts(ctx: StepContext, batch: list, positions: list[int]) -> tuple[list[
         ids = list(out.token_ids)
         body = ids[:-1] if out.finish_reason == "stop" and ids else ids
         path = body[: alg.split_at_marker(body, decode, cfg.answer_marker)]
-        owner.append(Sample(ids, path, grade(tok.decode(ids, skip_special_tokens=True), example)))
+        text = tok.decode(ids, skip_special_tokens=True)
+        leak = ctx.leak_fn(example.question, text) if ctx.leak_fn is not None else None
+        owner.append(Sample(ids, path, grade(text, example), leak))
     return groups, sum(len(o.token_ids) for o in outs)
 
 

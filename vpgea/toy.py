@@ -3,12 +3,22 @@ Llama, a synthetic multi-step arithmetic task with deliberately verbose warm-sta
 warm start.
 
 The task: a start digit and 2-4 signed digits, e.g. ``7 +3 -5 +8``; the answer is the running value mod 10. A
-warm-start trace works through the operations one step at a time (``7 +3 = 0 ;``) but, like a verbose reasoning
-model, repeats redundant checks (``check 7 +3 = 0 ok ;``) and takes detours (``wait 7 +3 = 1 no 7 +3 = 0 ;``), and
-makes a wrong step now and then, which the checks never catch (they only repeat the step). So the warm-started model
-is moderately accurate and answers at length; fully concise traces (no check, no detour in any step) are rare in its
-training data (well under 1%). Nothing in the task ties length to correctness: checks and detours neither help nor
-hurt, so whether a trainer shortens answers without losing accuracy is up to the trainer.
+warm-start trace works through the operations one step at a time (``7 +3 = 0 ;``). Like a verbose reasoning model it
+repeats redundant checks (``check 7 +3 = 0 ok ;``) and takes detours (``wait 7 +3 = 1 no 7 +3 = 0 ;``), and it makes a
+wrong step now and then, which the checks never catch (they only repeat the step): checks and detours neither help
+nor hurt accuracy.
+
+The toy is a miniature of VPG-EA's premise, and nothing more (variant ``answer-aware``, the default):
+
+- conciseness is a property of the whole trace. A concise trace has no check and no detour in any step; a verbose
+  one checks every step one to three times. Under the student view (the question alone) the concise style is rare
+  (``student_concise_prob``, a few percent): the prior faces the sampling bottleneck the paper describes;
+- under the teacher view (the question plus ``hint <answer>``) a model that knows the target verifies less: the
+  concise style is common (``teacher_concise_prob``), and some traces are pseudo-efficient (``leak_prob``): a partial
+  derivation that then boxes the hint without deriving it. Cross-view validation is there to reject those.
+
+Variant ``same-hint`` is the earlier toy, kept for comparison: hinted traces are drawn from the student's
+distribution, with per-step checks (0-3, independent) and no whole-trace style, so the teacher view is no shorter.
 """
 
 from __future__ import annotations
@@ -34,18 +44,24 @@ __all__ = [
     "make_examples",
     "heldout_accuracy",
     "read_record",
+    "is_leak",
+    "trace",
     "verbose_trace",
     "warm_start",
 ]
 
 _SPECIALS = ["<pad>", "<eos>", "<unk>", "<user>", "<assistant>"]
-_WORDS = ["=", ";", "check", "ok", "wait", "no", "hint", "\\boxed{", "}"]
+_WORDS = ["=", ";", "check", "ok", "wait", "no", "hint", "\\boxed{", "}", "budget"]
+_NUMBERS = [str(n) for n in range(10, 200)]  # L1's length targets ("budget 48"); the digits 0-9 are below
 _DIGITS = [str(d) for d in range(10)]
 _OPERANDS = [f"{s}{d}" for s in "+-" for d in range(1, 10)]
 CHAT_TEMPLATE = (
     "{% for m in messages %}<{{ m['role'] }}> {{ m['content'] }} {% endfor %}"
     "{% if add_generation_prompt %}<assistant>{% endif %}"
 )
+
+
+VARIANTS = ("answer-aware", "same-hint")
 
 
 @dataclass(kw_only=True, slots=True)
@@ -56,14 +72,29 @@ class ToyTask:
     """Fewest operations per question."""
     max_ops: int = 4
     """Most operations per question."""
+    variant: str = "answer-aware"
+    """"answer-aware" (the paper's premise, see the module docstring) or "same-hint" (hinted traces drawn from the
+    student's distribution: nothing short to distil; the earlier toy)."""
     check_probs: tuple[float, ...] = (0.25, 0.35, 0.25, 0.15)
-    """Probability of 0, 1, 2, ... redundant checks after each step of a warm-start trace."""
+    """same-hint: probability of 0, 1, 2, ... redundant checks after each step, independently per step."""
+    verbose_check_probs: tuple[float, ...] = (0.0, 0.75, 0.2, 0.05)
+    """answer-aware: probability of 0, 1, 2, 3 checks after each step of a verbose trace. Never 0: skipping the checks
+    is the concise style, a choice for the whole trace. Mean 1.3 checks per step, as same-hint's, so the student
+    view stays as verbose as before."""
+    student_concise_prob: float = 0.03
+    """answer-aware: share of concise traces (no check, no detour in any step) under the student view: rare, so the
+    prior seldom samples a short correct path (same-hint's per-step draws give about 0.5% with 3 operations)."""
+    teacher_concise_prob: float = 0.5
+    """answer-aware: share of concise traces under the teacher view: a model that knows the target verifies less."""
+    leak_prob: float = 0.2
+    """answer-aware: share of pseudo-efficient teacher-view traces: the first 1 .. n-1 steps written concisely, then
+    the hint boxed without deriving it (the answer is right; the path does not get there)."""
     detour_prob: float = 0.3
-    """Probability that a step of a warm-start trace starts with a wrong attempt that it then corrects."""
+    """Probability that a step of a verbose trace starts with a wrong attempt that it then corrects."""
     error_prob: float = 0.08
     """Probability that a step of a warm-start trace writes a wrong result (kept, and repeated by its checks)."""
     hint_frac: float = 0.3
-    """Fraction of warm-start examples shown with the teacher-view hint in the prompt (same trace distribution)."""
+    """Fraction of warm-start examples shown with the teacher-view hint in the prompt."""
     hidden_size: int = 64
     """Tiny Llama width."""
     num_layers: int = 3
@@ -99,19 +130,26 @@ class ToyTask:
     def __post_init__(self) -> None:
         if not 1 <= self.min_ops <= self.max_ops:
             raise ValueError(f"need 1 <= min_ops <= max_ops, got {self.min_ops}, {self.max_ops}")
-        if abs(sum(self.check_probs) - 1.0) > 1e-6:
-            raise ValueError(f"check_probs must sum to 1, got {self.check_probs}")
+        if self.variant not in VARIANTS:
+            raise ValueError(f"variant must be one of {VARIANTS}, got {self.variant!r}")
+        for name in ("check_probs", "verbose_check_probs"):
+            if abs(sum(getattr(self, name)) - 1.0) > 1e-6:
+                raise ValueError(f"{name} must sum to 1, got {getattr(self, name)}")
+        if self.teacher_concise_prob + self.leak_prob > 1.0:
+            raise ValueError(f"teacher_concise_prob + leak_prob must be <= 1, got "
+                             f"{self.teacher_concise_prob} + {self.leak_prob}")
         if not 1 <= self.sft_steps <= self.sft_max_steps:
             raise ValueError(f"need 1 <= sft_steps <= sft_max_steps, got {self.sft_steps}, {self.sft_max_steps}")
         if self.check_questions < 1:
             raise ValueError(f"check_questions must be >= 1, got {self.check_questions}")
-        for name in ("detour_prob", "error_prob", "hint_frac", "min_accuracy"):
+        for name in ("detour_prob", "error_prob", "hint_frac", "min_accuracy", "student_concise_prob",
+                     "teacher_concise_prob", "leak_prob"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)}")
 
     def key(self) -> str:
         """Short hash of every setting: the warm-start cache key."""
-        blob = json.dumps(asdict(self), sort_keys=True) + "|v4"  # v4: checked warm starts with a record
+        blob = json.dumps(asdict(self), sort_keys=True) + "|v5"  # v5: trace styles, L1's vocabulary
         return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
 
@@ -123,7 +161,7 @@ def build_tokenizer():
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    vocab = {w: i for i, w in enumerate(_SPECIALS + _WORDS + _DIGITS + _OPERANDS)}
+    vocab = {w: i for i, w in enumerate(_SPECIALS + _WORDS + _DIGITS + _OPERANDS + _NUMBERS)}
     tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     hf = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>")
@@ -185,11 +223,34 @@ def make_examples(n: int, *, seed: int, task: ToyTask | None = None, split: str 
     return out
 
 
-def verbose_trace(question: str, rng: random.Random, task: ToyTask) -> str:
-    """A warm-start response for ``question``: steps with redundant checks, detours and occasional errors."""
+def _steps(question: str, rng: random.Random, task: ToyTask, checks, n_steps: int | None = None):
+    """The trace's steps: ``checks()`` draws each step's number of checks; detours only in steps with checks (a
+    concise step has neither). Returns (parts, the last value written)."""
     start, *ops = question.split()
     value = int(start)
     parts = []
+    for op in ops[:n_steps]:
+        true = (value + int(op)) % 10
+        result = true
+        if rng.random() < task.error_prob:
+            result = (true + rng.randint(1, 9)) % 10
+        step = f"{value} {op} = "
+        n_checks = checks()
+        if n_checks and rng.random() < task.detour_prob:
+            wrong = (result + rng.randint(1, 9)) % 10
+            parts.append(f"wait {step}{wrong} no")
+        parts.append(f"{step}{result} ;")
+        parts.extend(f"check {step}{result} ok ;" for _ in range(n_checks))
+        value = result
+    return parts, value
+
+
+def verbose_trace(question: str, rng: random.Random, task: ToyTask) -> str:
+    """The same-hint toy's warm-start response: per step 0-3 checks (``check_probs``) and detours, independently."""
+    n = len(task.check_probs)
+    parts, value = [], None
+    start, *ops = question.split()
+    value = int(start)
     for op in ops:
         true = (value + int(op)) % 10
         result = true
@@ -200,11 +261,59 @@ def verbose_trace(question: str, rng: random.Random, task: ToyTask) -> str:
             wrong = (result + rng.randint(1, 9)) % 10
             parts.append(f"wait {step}{wrong} no")
         parts.append(f"{step}{result} ;")
-        n_checks = rng.choices(range(len(task.check_probs)), weights=task.check_probs)[0]
+        n_checks = rng.choices(range(n), weights=task.check_probs)[0]
         parts.extend(f"check {step}{result} ok ;" for _ in range(n_checks))
         value = result
     parts.append(f"\\boxed{{ {value} }}")
     return " ".join(parts)
+
+
+def trace(question: str, rng: random.Random, task: ToyTask, *, hint: str | None = None) -> tuple[str, str]:
+    """A warm-start response for ``question`` under the student view (``hint=None``) or the teacher view, and its
+    style: "verbose", "concise" or "leak" (answer-aware); "verbose" for every same-hint trace."""
+    if task.variant == "same-hint":
+        return verbose_trace(question, rng, task), "verbose"
+    n_ops = len(question.split()) - 1
+    u = rng.random()
+    if hint is None:
+        style = "concise" if u < task.student_concise_prob else "verbose"
+    elif u < task.teacher_concise_prob:
+        style = "concise"
+    elif u < task.teacher_concise_prob + task.leak_prob and n_ops > 1:
+        style = "leak"
+    else:
+        style = "verbose"
+    if style == "verbose":
+        weights = task.verbose_check_probs
+        parts, value = _steps(question, rng, task, lambda: rng.choices(range(len(weights)), weights=weights)[0])
+    elif style == "concise":
+        parts, value = _steps(question, rng, task, lambda: 0)
+    else:  # leak: a partial concise derivation, then the hint
+        parts, _ = _steps(question, rng, task, lambda: 0, n_steps=rng.randint(1, n_ops - 1))
+        value = hint
+    parts.append(f"\\boxed{{ {value} }}")
+    return " ".join(parts), style
+
+
+def is_leak(question: str, response: str) -> bool:
+    """Whether a response boxes an answer without deriving it: it stops writing steps (``a op = r ;``, checks and
+    detours aside) before the question's last operation. The toy knows, so the run can report how often cross-view
+    validation lets such paths through (``pass_leak``)."""
+    ops = question.split()[1:]
+    body = response.split("\\boxed{")[0]
+    if "\\boxed{" not in response:
+        return False
+    done = 0
+    for chunk in body.split(";"):
+        words = chunk.split()
+        if len(words) >= 4 and words[0] not in ("check", "wait") and words[2] == "=":
+            if done < len(ops) and words[1] == ops[done]:
+                done += 1
+        elif len(words) >= 5 and words[0] == "wait":  # "wait a op = w no a op = r"
+            rest = words[words.index("no") + 1:] if "no" in words else []
+            if len(rest) >= 3 and done < len(ops) and rest[1] == ops[done]:
+                done += 1
+    return done < len(ops)
 
 
 # --- supervised warm start ------------------------------------------------------------------------------------------
@@ -253,9 +362,10 @@ def _sft(model, tokenizer, task: ToyTask, progress: bool) -> dict:
     examples = make_examples(task.sft_examples, seed=task.seed + 1000, task=task, split="train")
     seqs = []
     for ex in examples:
-        content = ex.question + (f" hint {ex.answer}" if rng.random() < task.hint_frac else "")
+        hint = ex.answer if rng.random() < task.hint_frac else None
+        content = ex.question + (f" hint {hint}" if hint is not None else "")
         prompt = _encode_prompt(tokenizer, content)
-        response = tokenizer(verbose_trace(ex.question, rng, task), add_special_tokens=False)["input_ids"]
+        response = tokenizer(trace(ex.question, rng, task, hint=hint)[0], add_special_tokens=False)["input_ids"]
         seqs.append((prompt, response + [tokenizer.eos_token_id]))
     matrices = [p for p in model.parameters() if p.dim() >= 2]  # embeddings and projections; not norms
     others = [p for p in model.parameters() if p.dim() < 2]

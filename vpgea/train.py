@@ -46,7 +46,7 @@ from vpgea.distributed import (
     shutdown,
 )
 from vpgea.methods import make_method
-from vpgea.prompts import answer_tail, student_prompt, teacher_prompt
+from vpgea.prompts import answer_tail, eval_extra, student_prompt, teacher_prompt
 from vpgea.rundir import RunLock, RunLocked, atomic_write_text
 from vpgea.step import StepContext, rollouts, score, update
 from vpgea.toy import WarmStartError
@@ -178,7 +178,7 @@ def lr_lambda(cfg: TrainConfig):
 
 
 def train(cfg: TrainConfig, policy, tokenizer, items: list[Item], out_dir: Path, *, engine, skipped: int = 0,
-          resume: dict | None = None, info: DistInfo | None = None) -> dict:
+          resume: dict | None = None, info: DistInfo | None = None, leak_fn=None) -> dict:
     """Train ``policy`` (a ``PolicyModel``, FSDP2-sharded when ``info`` has several ranks) in ``cfg.mode`` for
     ``cfg.max_steps`` steps; rank 0 writes ``metrics.jsonl``, every rank takes part in the checkpoints in ``out_dir``.
     Returns the last step's metrics (the same on every rank)."""
@@ -213,7 +213,7 @@ def train(cfg: TrainConfig, policy, tokenizer, items: list[Item], out_dir: Path,
     elif info.is_main and metrics_path.exists():
         metrics_path.unlink()
     barrier(info)
-    ctx = StepContext(cfg, policy, tokenizer, engine, info, make_method(cfg, tokenizer), amp)
+    ctx = StepContext(cfg, policy, tokenizer, engine, info, make_method(cfg, tokenizer), amp, leak_fn=leak_fn)
     scale = loss_scale(n_local, n_q, info)  # a rank's sum of question losses -> its share of the global mean
 
     def state(step: int) -> dict:
@@ -303,7 +303,7 @@ def evaluate(cfg: TrainConfig, engine, tokenizer, examples, results_path: Path |
     kw = dict(samples=cfg.eval_samples, max_new_tokens=cfg.max_new_tokens, temperature=cfg.eval_temperature,
               batch_size=cfg.rollout_batch_size,
               prompt_fn=lambda ex: student_prompt(cfg, tokenizer, ex.question,
-                                                  history=getattr(ex, "history", ())),
+                                                  history=getattr(ex, "history", ()), extra=eval_extra(cfg)),
               seed=cfg.seed, shard=(info.rank, info.world_size), grade=load_reward(cfg.reward),
               progress=desc if info.is_main else False)
     part = results_path
@@ -332,10 +332,11 @@ TABLE_ROWS = {"before": "warm start", "vpgea": "VPG-EA", "grpo_lp": "grpo-lp", "
 
 
 def table(summary: dict) -> str:
-    """The run's evaluations as the Markdown table the README shows."""
+    """The run's evaluations as the Markdown table the README shows: the start, then every trained mode."""
     lines = ["| model | ACC | A.Tok | eps3 = ACC^2 / A.Tok |", "|---|---|---|---|"]
-    for key, label in TABLE_ROWS.items():
-        if isinstance(r := summary.get(key), dict) and "acc" in r:
+    for key, r in summary.items():
+        if isinstance(r, dict) and "acc" in r:
+            label = TABLE_ROWS.get(key, key.replace("_", "-"))
             lines.append(f"| {label} | {r['acc']:.3f} | {r['avg_tokens']:.1f} | {r['eps3']:.4f} |")
     return "\n".join(lines)
 
@@ -397,12 +398,12 @@ def run_toy(cfg: TrainConfig, info: DistInfo) -> dict:
     t_start = time.perf_counter()
     torch.manual_seed(cfg.seed)
     out = Path(cfg.output_dir)
-    modes = tuple([cfg.mode] + (["grpo-lp"] if cfg.baseline and cfg.mode == "vpgea" else []))
+    modes = tuple(cfg.mode_list())
     resume = _resume_state(cfg, modes)  # before the warm start: a refused resume fails in seconds
     if info.is_main:  # the resolved config as <output_dir>/config.json, once the directory is ours and resume agreed
         save_config(cfg, cfg.output_dir)
     task = toy.ToyTask(sft_steps=cfg.toy_sft_steps, sft_max_steps=cfg.toy_sft_max_steps,
-                       min_accuracy=cfg.toy_min_accuracy)
+                       min_accuracy=cfg.toy_min_accuracy, variant=cfg.toy_variant)
     if info.is_main:  # one rank trains the warm start; the others load it from the cache
         toy.warm_start(task, log=log)
     barrier(info)
@@ -436,7 +437,8 @@ def run_toy(cfg: TrainConfig, info: DistInfo) -> dict:
             _load_weights(hf, resume["_dir"])
             r = resume
         policy, engine = build(mcfg, hf, tokenizer, info)
-        train(mcfg, policy, tokenizer, items, out / key, engine=engine, skipped=skipped, resume=r, info=info)
+        train(mcfg, policy, tokenizer, items, out / key, engine=engine, skipped=skipped, resume=r, info=info,
+              leak_fn=toy.is_leak)
         summary[key] = evaluate(mcfg, engine, tokenizer, eval_ex, out / f"eval_{key}.jsonl", info,
                                 desc=f"eval {mode}")
         log(f"{key:8s} | {fmt(summary[key])}")
@@ -478,9 +480,12 @@ def run_real(cfg: TrainConfig, info: DistInfo) -> dict:
     if skipped:
         log(f"skipped {skipped} of {len(examples)} training prompts longer than --max-prompt-tokens "
             f"{cfg.max_prompt_tokens}")
-    resume = _resume_state(cfg)
+    modes = cfg.mode_list()
+    resume = _resume_state(cfg, tuple(modes) if len(modes) > 1 else None)
     if info.is_main:  # the resolved config as <output_dir>/config.json, once the directory is ours and resume agreed
         save_config(cfg, cfg.output_dir)
+    if len(modes) > 1:
+        return _compare_real(cfg, info, modes, model_dir, tokenizer, items, skipped, eval_ex, resume)
     src = resume["_dir"] if resume is not None else model_dir
     # fp32 master weights; bf16 comes from autocast (one GPU) or FSDP2's mixed precision (several).
     hf = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32, local_files_only=True)
@@ -498,6 +503,41 @@ def run_real(cfg: TrainConfig, info: DistInfo) -> dict:
         log(f"after  | {fmt(summary['after'])}")
     if info.is_main:
         atomic_write_text(out / "summary.json", json.dumps(summary, indent=1))
+    return summary
+
+
+def _compare_real(cfg, info, modes, model_dir, tokenizer, items, skipped, eval_ex, resume) -> dict:
+    """``--modes`` on a real model: each mode trained from ``--model`` on the same data, budget and seeds, into
+    ``<output_dir>/<mode>/``, and evaluated on ``--eval-data``; ``summary.json`` gets ``before`` and one entry per
+    mode (``-`` written ``_``). A resumed run skips the modes its summary already has."""
+    from transformers import AutoModelForCausalLM
+
+    out = Path(cfg.output_dir)
+    summary_path = out / "summary.json"
+    summary = json.loads(summary_path.read_text()) if resume is not None and summary_path.exists() else {}
+
+    def fresh(src):
+        return AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32, local_files_only=True)
+
+    if eval_ex is not None and "before" not in summary:
+        _, engine = build(cfg, fresh(model_dir), tokenizer, info)
+        summary["before"] = evaluate(cfg, engine, tokenizer, eval_ex, out / "eval_before.jsonl", info,
+                                     desc="eval before")
+        log(f"before   | {fmt(summary['before'])}")
+    for mode in modes:
+        key = mode.replace("-", "_")
+        if key in summary:
+            continue
+        mcfg = dataclasses.replace(cfg, mode=mode)
+        r = resume if resume is not None and resume["mode"] == mode else None
+        policy, engine = build(mcfg, fresh(r["_dir"] if r is not None else model_dir), tokenizer, info)
+        last = train(mcfg, policy, tokenizer, items, out / key, engine=engine, skipped=skipped, resume=r, info=info)
+        summary[key] = evaluate(mcfg, engine, tokenizer, eval_ex, out / f"eval_{key}.jsonl", info,
+                                desc=f"eval {mode}") if eval_ex is not None else {"train": last}
+        if eval_ex is not None:
+            log(f"{key:8s} | {fmt(summary[key])}")
+        if info.is_main:
+            atomic_write_text(summary_path, json.dumps(summary, indent=1))
     return summary
 
 
