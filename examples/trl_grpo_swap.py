@@ -61,8 +61,8 @@ def main(steps: int = 2, seed: int = 0) -> dict:
     torch.manual_seed(seed)
     prompts = Dataset.from_list([{"prompt": f"7 +{i} -3"} for i in range(1, 9)])
 
-    def reward(completions, **kwargs):  # toy reward: prefer answers that box something
-        return [float("\\boxed{" in c) + 0.1 * len(c.split()) for c in completions]
+    def reward(completions, **kwargs):  # toy reward: prefer answers that box something, and digits
+        return [float("\\boxed{" in c) + 0.1 * sum(w.isdigit() for w in c.split()) for c in completions]
 
     calls = []
     real = vpgea.logprobs.token_logprobs

@@ -26,13 +26,14 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
-import random
 import re
 import shutil
 import warnings
 from pathlib import Path
 
 import torch
+
+from vpgea.rng import capture_rng, restore_rng  # noqa: F401  (re-exported)
 
 __all__ = [
     "CheckpointError",
@@ -59,34 +60,6 @@ class CheckpointError(RuntimeError):
 
 class NonFiniteParameters(FloatingPointError):
     """A parameter holds NaN or inf: the run diverged, and saving it would overwrite good checkpoints."""
-
-
-def capture_rng() -> dict:
-    """Python, torch CPU and CUDA RNG states."""
-    state = {"python": random.getstate(), "torch": torch.get_rng_state()}
-    try:
-        import numpy as np
-
-        state["numpy"] = np.random.get_state()
-    except ImportError:  # pragma: no cover - numpy is a dependency
-        pass
-    if torch.cuda.is_available():
-        # This process's device only: under torchrun every rank sees every GPU, and a state per visible device
-        # could not be restored where fewer are visible. (Rollouts draw from their own seeds, never from it.)
-        state["cuda"] = torch.cuda.get_rng_state()
-    return state
-
-
-def restore_rng(state: dict) -> None:
-    random.setstate(state["python"])
-    torch.set_rng_state(state["torch"])
-    if "numpy" in state:
-        import numpy as np
-
-        np.random.set_state(state["numpy"])
-    cuda = state.get("cuda")
-    if isinstance(cuda, torch.Tensor) and torch.cuda.is_available():  # (a list: an older per-device format, skipped)
-        torch.cuda.set_rng_state(cuda)
 
 
 def _fsync_tree(path: Path) -> None:

@@ -30,9 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 __all__ = [
-    "DEFAULT_INSTRUCTION",
     "Example",
-    "build_prompt",
     "chat_messages",
     "get_field",
     "gsm8k_final_answer",
@@ -42,12 +40,6 @@ __all__ = [
     "load_jsonl_dataset",
     "read_jsonl_log",
 ]
-
-DEFAULT_INSTRUCTION = "Please reason step by step, and put your final answer within \\boxed{}."
-DEFAULT_HINT_TEMPLATE = (
-    "The reference answer is {hint}. Without mentioning that you were given it, write an efficient reasoning path "
-    "that reaches it."
-)
 
 # Field names tried, in order, on a file's first record when none is given.
 QUESTION_FIELDS = ("problem", "question", "prompt")
@@ -352,24 +344,3 @@ def no_chat_template_error(tokenizer) -> ValueError:
     name = getattr(tokenizer, "name_or_path", "") or type(tokenizer).__name__
     return ValueError(f"the data has chat-message prompts with earlier messages (system prompt, earlier turns), but "
                       f"the tokenizer {name!r} has no chat template to render them")
-
-
-def build_prompt(tokenizer, question: str, *, instruction: str = DEFAULT_INSTRUCTION, hint: str | None = None,
-                 hint_template: str = DEFAULT_HINT_TEMPLATE, history=()) -> list[int]:
-    """Token ids of the prompt for ``question``: the student view, or with ``hint`` (the reference answer) the
-    teacher view. Uses the tokenizer's chat template when it has one (``history``, the example's earlier chat
-    messages, first), else plain text (then ``history`` must be empty)."""
-    content = question.strip()
-    if instruction:
-        content = f"{content}\n{instruction}"
-    if hint is not None:
-        content = f"{content}\n{hint_template.format(hint=hint)}"
-    if getattr(tokenizer, "chat_template", None):
-        ids = tokenizer.apply_chat_template(chat_messages(content, history), add_generation_prompt=True,
-                                            tokenize=True)
-        if isinstance(ids, dict) or hasattr(ids, "input_ids"):  # transformers 5 may return a BatchEncoding
-            ids = ids["input_ids"]
-        return list(ids)
-    if history:
-        raise no_chat_template_error(tokenizer)
-    return tokenizer(content + "\n", add_special_tokens=True)["input_ids"]

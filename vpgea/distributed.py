@@ -172,6 +172,16 @@ def clip_grad_norm(params, max_norm: float) -> float:
     return float(norm)
 
 
+def full_tensor(t: torch.Tensor) -> torch.Tensor:
+    """The whole tensor of an FSDP2 ``DTensor`` shard (a collective: every rank must call it, in the same order), or
+    ``t`` itself. CPU-offloaded shards go to this process's GPU first: NCCL gathers only device tensors."""
+    if not hasattr(t, "full_tensor"):
+        return t
+    if t.device.type == "cpu" and torch.cuda.is_available():
+        t = t.to("cuda")
+    return t.full_tensor()
+
+
 def full_state_dict(model: torch.nn.Module, info: DistInfo) -> dict[str, torch.Tensor] | None:
     """Full (unsharded) CPU state dict on rank 0, ``None`` on the others. Collective: every rank must call it."""
     if not info.enabled:

@@ -14,8 +14,9 @@ import sys
 from pathlib import Path
 from typing import Callable
 
-from vpgea.data import Example, build_prompt, load_jsonl_dataset, read_jsonl_log
-from vpgea.engines.base import derive_seed
+from vpgea.data import Example, load_jsonl_dataset, read_jsonl_log
+from vpgea.modeldir import model_context
+from vpgea.rng import derive_seed
 from vpgea.grading import extract_answer, is_correct
 
 __all__ = ["evaluate", "generate_records", "summarize", "main"]
@@ -82,7 +83,14 @@ def generate_records(
     if not examples:
         raise ValueError("evaluate: no examples")
     rank, world = shard
-    prompt_fn = prompt_fn or (lambda ex: build_prompt(tokenizer, ex.question, history=ex.history))
+    if prompt_fn is None:
+        from vpgea.config import TrainConfig
+        from vpgea.prompts import student_prompt
+
+        defaults = TrainConfig()  # the trainer's default student view
+
+        def prompt_fn(ex):
+            return student_prompt(defaults, tokenizer, ex.question, history=ex.history)
     records: list[dict] = []
     out_f = None
     if results_path is not None:
@@ -172,6 +180,13 @@ def _parser() -> argparse.ArgumentParser:
                    "started with (the summary JSON records them)")
     p.add_argument("--allow-config-change", action="store_true",
                    help="--resume: accept another --engine, --device or --dtype (numerics only)")
+    p.add_argument("--run-config", default=None, metavar="FILE",
+                   help="the training run's config.json, whose student-view prompt (template, instruction) the "
+                   "evaluation uses; default: found beside the checkpoint (its run directory), else the trainer's "
+                   "defaults")
+    p.add_argument("--l1-target", type=int, default=None, metavar="N",
+                   help="ask for N tokens with the run's --l1-prompt (an L1-trained model: one model, one point per N "
+                   "on the accuracy-vs-tokens curve)")
     p.add_argument("--seed", type=int, default=0, help="sampling seed")
     p.add_argument("--device", default=None, help="torch device for the hf engine (default: cuda if available)")
     p.add_argument("--dtype", default=None, help="model dtype (default: the checkpoint's; bf16 on GPU)")
@@ -218,30 +233,13 @@ def _default_output(model: str) -> Path:
     return d.parent / f"eval-{d.name}.json"
 
 
-def _model_context(path: str) -> int | None:
-    """The longest sequence the model takes (``max_position_embeddings`` of its config), when it says."""
-    try:
-        cfg = json.loads((Path(path) / "config.json").read_text())
-    except (OSError, json.JSONDecodeError):
-        return None
-    cfg = cfg.get("text_config", cfg)
-    n = cfg.get("max_position_embeddings")
-    return int(n) if isinstance(n, int) and n > 0 else None
-
-
 def _load_model_and_tokenizer(path: str, device: str | None, dtype: str | None, engine: str):
-    from pathlib import Path as _P
-
     import torch
-    from transformers import AutoTokenizer
 
-    model_dir = _P(path)
-    if not model_dir.is_dir():
-        raise FileNotFoundError(f"--model: directory {path!r} does not exist")
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
-    except Exception as e:
-        raise ValueError(f"--model: {path!r} holds no loadable tokenizer ({type(e).__name__}: {e})") from e
+    from vpgea.modeldir import check_model_dir, load_tokenizer
+
+    model_dir = check_model_dir(path, "--model")
+    tokenizer = load_tokenizer(model_dir, "--model")
     if engine == "vllm":
         return str(model_dir), tokenizer
     from transformers import AutoModelForCausalLM
@@ -258,6 +256,7 @@ def _settings(args: argparse.Namespace, names: list[str], max_new_tokens: int) -
     return {"model": str(Path(args.model).resolve()), "data": dict(zip(names, (str(Path(f).resolve())
                                                                                for f in args.data))),
             "samples": args.samples, "limit": args.limit, "seed": args.seed, "temperature": args.temperature,
+            "run_config": args.run_config, "l1_target": args.l1_target,
             "top_p": args.top_p, "max_new_tokens": max_new_tokens, "question_field": args.question_field,
             "answer_field": args.answer_field, "engine": args.engine, "device": args.device, "dtype": args.dtype}
 
@@ -278,6 +277,34 @@ def _check_resume(out: Path, settings: dict, allow: bool) -> None:
                          f"evaluations: {what}{hint}. Use the same settings, or another --output without --resume")
 
 
+def run_config(model: str, explicit: str | None):
+    """The TrainConfig whose prompt the evaluation reproduces: ``--run-config``, else the ``config.json`` a training
+    run wrote in the checkpoint's run directory (``<run>/checkpoint-N`` or ``<run>/<mode>/checkpoint-N``; a model's
+    own config.json is told apart by its keys), else the trainer's defaults. Returns ``(cfg, where)``."""
+    import dataclasses as _dc
+
+    from vpgea.config import TrainConfig, load_config_file
+
+    candidates = [Path(explicit)] if explicit else [Path(model).resolve().parent / "config.json",
+                                                    Path(model).resolve().parent.parent / "config.json"]
+    fields = {f.name for f in _dc.fields(TrainConfig)}
+    for path in candidates:
+        if not path.is_file():
+            if explicit:
+                raise FileNotFoundError(f"--run-config {explicit}: file not found")
+            continue
+        try:
+            raw = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError):
+            raw = None
+        if not explicit and not (isinstance(raw, dict) and "student_template" in raw):
+            continue  # not a run's config
+        values = load_config_file(path)
+        values.pop("preset", None)
+        return TrainConfig(**{k: v for k, v in values.items() if k in fields}), str(path)
+    return TrainConfig(), None
+
+
 def warn(msg: str) -> None:
     print(f"warning: {msg}", file=sys.stderr, flush=True)
 
@@ -296,10 +323,20 @@ def _run(args: argparse.Namespace) -> int:
                                             limit=args.limit)
     out = Path(args.output) if args.output else _default_output(args.model)
     model, tokenizer = _load_model_and_tokenizer(args.model, args.device, args.dtype, args.engine)
+    from vpgea.prompts import student_prompt
+
+    rcfg, rcfg_path = run_config(args.model, args.run_config)
+    extra = rcfg.l1_prompt.format(target=args.l1_target) if args.l1_target is not None else None
+    if rcfg_path:
+        print(f"prompts: the student view of {rcfg_path}", file=sys.stderr, flush=True)
+
+    def prompt_fn(ex):
+        return student_prompt(rcfg, tokenizer, ex.question, history=ex.history, extra=extra)
+
     max_new_tokens = args.max_new_tokens or DEFAULT_MAX_NEW_TOKENS
-    context = _model_context(args.model)
+    context = model_context(args.model)
     if context is not None:
-        longest = max(len(build_prompt(tokenizer, ex.question)) for exs in datasets.values() for ex in exs)
+        longest = max(len(prompt_fn(ex)) for exs in datasets.values() for ex in exs)
         room = context - longest
         if room < 1:
             raise ValueError(f"--model {args.model}: its context holds {context} positions, and the longest prompt "
@@ -330,7 +367,7 @@ def _run(args: argparse.Namespace) -> int:
         res = evaluate(engine, tokenizer, examples, samples=args.samples, max_new_tokens=max_new_tokens,
                        temperature=args.temperature, top_p=args.top_p, batch_size=args.batch_size,
                        results_path=out.with_name(f"{out.stem}.{name}.responses.jsonl"), resume=args.resume,
-                       seed=args.seed, progress=f"eval {name}", grade=grade)
+                       seed=args.seed, progress=f"eval {name}", grade=grade, prompt_fn=prompt_fn)
         results["datasets"][name] = res
         atomic_write_text(out, json.dumps(results, indent=2) + "\n")  # after each data set: nothing finished is lost
     print(f"{'dataset':<20} {'ACC':>7} {'A.Tok':>9} {'eps3':>10} {'Tok ok':>8} {'Tok bad':>8} {'no-ans':>7}")
@@ -349,11 +386,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     if args.engine == "vllm":
-        import importlib.util
+        from vpgea.modeldir import require_vllm
 
-        if importlib.util.find_spec("vllm") is None:  # at start-up, before any file or model is read
-            print("error: --engine vllm: the vllm package is not installed (pip install 'vpgea[vllm]')",
-                  file=sys.stderr)
+        try:
+            require_vllm("--engine vllm")  # at start-up, before any file or model is read
+        except RuntimeError as err:
+            print(f"error: {err}", file=sys.stderr)
             return 2
     try:
         return _run(args)

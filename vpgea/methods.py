@@ -421,7 +421,7 @@ class L1(_GRPOFamily):
     def target(self, group: Group) -> int:
         import random
 
-        from vpgea.engines.base import derive_seed
+        from vpgea.rng import derive_seed
 
         lo, hi = self.cfg.l1_range
         return random.Random(derive_seed(self.cfg.seed, self.step, group.index, "l1-target")).randint(lo, hi)

@@ -75,14 +75,9 @@ class PolicyModel(torch.nn.Module):
     ) -> PolicyModel:
         """Load a local Hugging Face causal-LM directory (never the network). ``dtype`` defaults to the checkpoint's
         dtype ("auto"); ``device`` to the CPU."""
-        path = Path(path)
-        if not path.is_dir():
-            raise FileNotFoundError(f"PolicyModel.from_pretrained: model directory {str(path)!r} does not exist")
-        if not (path / "config.json").is_file():
-            raise FileNotFoundError(
-                f"PolicyModel.from_pretrained: {str(path)!r} has no config.json; "
-                "expected a Hugging Face model directory"
-            )
+        from .modeldir import check_model_dir
+
+        path = check_model_dir(path, "PolicyModel.from_pretrained")
         from transformers import AutoModelForCausalLM
 
         dtype = _as_dtype(dtype)

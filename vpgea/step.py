@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import torch
 
 from vpgea import algorithm as alg
-from vpgea.engines.base import derive_seed
+from vpgea.rng import derive_seed
 from vpgea.methods import Group, Method, Sample, Seq, StepStats, Weights
 from vpgea.packing import ROLE_ANSWER, ROLE_COMPLETION, micro_batches, pack_groups, pack_sequences
 

@@ -340,7 +340,7 @@ def max_trace_tokens(task: ToyTask) -> int:
 def heldout_accuracy(model, tokenizer, task: ToyTask) -> float:
     """The fraction of ``task.check_questions`` eval-split questions (student view, no hint) whose response, sampled
     at temperature 1 with a seed per question, boxes the right answer."""
-    from vpgea.engines.base import derive_seed
+    from vpgea.rng import derive_seed
     from vpgea.engines.hf import HFEngine
     from vpgea.grading import extract_answer, is_correct
 

@@ -46,6 +46,7 @@ from vpgea.distributed import (
     shutdown,
 )
 from vpgea.methods import make_method
+from vpgea.modeldir import require_vllm
 from vpgea.prompts import answer_tail, eval_extra, student_prompt, teacher_prompt
 from vpgea.rundir import RunLock, RunLocked, atomic_write_text
 from vpgea.step import StepContext, rollouts, score, update
@@ -450,21 +451,13 @@ def run_toy(cfg: TrainConfig, info: DistInfo) -> dict:
 
 def run_real(cfg: TrainConfig, info: DistInfo) -> dict:
     """Train a local Hugging Face model on a JSONL data set; evaluate before/after when --eval-data is given."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     from vpgea.data import load_jsonl_dataset
+    from vpgea.modeldir import check_model_dir, load_tokenizer
 
-    model_dir = Path(cfg.model)
-    if not model_dir.is_dir():
-        raise FileNotFoundError(f"--model {cfg.model}: directory does not exist")
-    if not (model_dir / "config.json").is_file():
-        raise FileNotFoundError(f"--model {cfg.model}: no config.json; expected a Hugging Face model directory")
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
-    except Exception as e:  # OSError / ValueError, or ImportError when transformers falls back to a slow tokenizer
-        raise FileNotFoundError(
-            f"--model {cfg.model}: no usable tokenizer in the directory ({type(e).__name__}: {e})"
-        ) from e
+    model_dir = check_model_dir(cfg.model, "--model")
+    tokenizer = load_tokenizer(model_dir, "--model")
     if cfg.train_data is None:
         raise ValueError("--train-data is required with --model")
     examples = load_jsonl_dataset(cfg.train_data, question_field=cfg.question_field, answer_field=cfg.answer_field)
@@ -588,11 +581,10 @@ def main(argv: list[str] | None = None) -> int:
     for w in cfg.warnings():
         log(f"warning: {w}")
     if cfg.engine == "vllm":
-        import importlib.util
-
-        if importlib.util.find_spec("vllm") is None:  # fail at start-up, not after the model has loaded
-            print("error: --engine vllm: the vllm package is not installed (pip install 'vpgea[vllm]')",
-                  file=sys.stderr, flush=True)
+        try:
+            require_vllm("--engine vllm")  # at start-up, not after the model has loaded
+        except RuntimeError as e:
+            print(f"error: {e}", file=sys.stderr, flush=True)
             return 2
     if cfg.device != "auto" and cfg.device.startswith("cuda") and not torch.cuda.is_available():
         log(f"error: --device {cfg.device}: CUDA is not available on this machine")

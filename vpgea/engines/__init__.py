@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import importlib
-import importlib.util
 
 from vpgea.engines.base import GenerationOutput, RolloutEngine
 
@@ -26,11 +25,9 @@ def make_engine(name: str, model_or_path, tokenizer, **kw) -> RolloutEngine:
 
         return HFEngine(model_or_path, tokenizer, **kw)
     if name == "vllm":
-        if importlib.util.find_spec("vllm") is None:
-            raise RuntimeError(
-                "engine 'vllm' was requested but the vllm package is not installed; "
-                "install the extra (pip install 'vpgea[vllm]') or use --engine hf"
-            )
+        from vpgea.modeldir import require_vllm
+
+        require_vllm("engine 'vllm'")
         module = importlib.import_module("vpgea.engines.vllm")
         cls = getattr(module, "VLLMEngine", None)
         if cls is None:

@@ -7,11 +7,11 @@ in one place (the caller).
 
 from __future__ import annotations
 
-import hashlib
-import random
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Literal, Protocol, runtime_checkable
+
+from vpgea.rng import derive_seed, request_seeds, resolve_seeds  # noqa: F401  (re-exported)
 
 __all__ = ["GenerationOutput", "RolloutEngine", "check_generate_args", "derive_seed", "request_seeds", "resolve_seeds",
            "stop_ids", "unwrap_model"]
@@ -48,43 +48,6 @@ def stop_ids(engine: str, *sources) -> list[int]:
     if not out:
         raise ValueError(f"{engine}: no stop token; the tokenizer has no eos_token_id and none was given")
     return out
-
-
-def derive_seed(*parts: int | str) -> int:
-    """A seed in ``[0, 2**31)`` that is a pure function of ``parts`` (stable across processes and Python runs, unlike
-    ``hash``): e.g. ``derive_seed(run_seed, step, question, view, sample)`` names one rollout wherever it is drawn."""
-    digest = hashlib.sha256(":".join(map(str, parts)).encode()).digest()
-    return int.from_bytes(digest[:4], "little") & 0x7FFFFFFF
-
-
-def request_seeds(seed: int, n: int) -> list[int]:
-    """``n`` distinct per-request seeds in ``[0, 2**31)``, a pure function of ``seed``.
-
-    Distinct, so that duplicated prompts (the G samples of one question) draw different samples; derived from one
-    seed, so that a call with the same prompts and seed is reproducible.
-    """
-    rng = random.Random(int(seed))
-    seen: set[int] = set()
-    out: list[int] = []
-    while len(out) < n:
-        s = rng.getrandbits(31)
-        if s not in seen:
-            seen.add(s)
-            out.append(s)
-    return out
-
-
-def resolve_seeds(seed: int | Sequence[int] | None, n: int) -> list[int] | None:
-    """The per-prompt seeds of a ``generate`` call: ``None`` (unseeded), one int (expanded with
-    :func:`request_seeds`) or one seed per prompt (checked)."""
-    if seed is None:
-        return None
-    if not isinstance(seed, Sequence):
-        return request_seeds(int(seed), n)
-    seeds = [int(s) for s in seed]
-    if len(seeds) != n:
-        raise ValueError(f"generate: {len(seeds)} seeds for {n} prompts; give one seed per prompt, or one int")
-    return seeds
 
 
 @dataclass

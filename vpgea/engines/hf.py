@@ -15,6 +15,7 @@ from collections.abc import Sequence
 
 import torch
 
+from vpgea.distributed import full_tensor
 from vpgea.engines.base import GenerationOutput, check_generate_args, resolve_seeds, stop_ids, unwrap_model
 
 __all__ = ["HFEngine", "new_kv_cache", "sample_next"]
@@ -182,10 +183,7 @@ class HFEngine:
             )
         with torch.no_grad():
             for name, p in theirs.items():  # a fixed order on every rank: the gathers must line up
-                t = p.detach()
-                if hasattr(t, "full_tensor"):
-                    t = t.full_tensor()
-                mine[name].copy_(t)
+                mine[name].copy_(full_tensor(p.detach()))
 
     def sleep(self) -> None:
         if torch.cuda.is_available():

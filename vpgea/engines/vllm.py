@@ -29,6 +29,7 @@ from pathlib import Path
 
 import torch
 
+from vpgea.distributed import full_tensor
 from vpgea.engines.base import (  # noqa: F401 (request_seeds re-exported)
     GenerationOutput,
     check_generate_args,
@@ -78,12 +79,7 @@ def _named_weights(model) -> Iterator[tuple[str, torch.Tensor]]:
     for name, t in items:
         for prefix in _WRAPPER_PREFIXES:
             name = name.replace(prefix, "")
-        t = t.detach()
-        if hasattr(t, "full_tensor"):  # DTensor (FSDP2)
-            if t.device.type == "cpu" and torch.cuda.is_available():
-                t = t.to("cuda")  # CPU-offloaded shards: NCCL gathers only device tensors
-            t = t.full_tensor()
-        yield name, t
+        yield name, full_tensor(t.detach())
 
 
 def _rpc_load_weights(worker, weights: list[tuple[str, torch.Tensor]]) -> int:
@@ -148,11 +144,9 @@ class VLLMEngine:
                     "checkpoint directory to build it from; pass the model directory instead"
                 )
             path = Path(name)
-        if not path.is_dir():
-            raise FileNotFoundError(f"VLLMEngine: model directory {str(path)!r} does not exist")
-        if not (path / "config.json").is_file():
-            raise FileNotFoundError(f"VLLMEngine: {str(path)!r} holds no config.json; it is not a model directory")
-        self.path = str(path)
+        from vpgea.modeldir import check_model_dir
+
+        self.path = str(check_model_dir(path, "VLLMEngine"))
 
         if stop_token_ids is None:
             gen_cfg = getattr(unwrap_model(source), "generation_config", None) if source is not None else None
@@ -194,7 +188,7 @@ class VLLMEngine:
         self.tensor_parallel_size = int(tensor_parallel_size)
         # vLLM's workers reseed Python, numpy and torch (CPU and CUDA) with its seed while starting up; in-process that
         # would reset the trainer's generators, so their states are put back afterwards.
-        from vpgea.checkpoint import capture_rng, restore_rng
+        from vpgea.rng import capture_rng, restore_rng
 
         rng = capture_rng()
         try:
