@@ -98,6 +98,8 @@ class StepStats:
     reward: float = 0.0
     gen_tokens: float = 0.0
     train_tokens: float = 0.0
+    forwards: float = 0.0  # training-pass forwards (packed micro-batches) run
+    forward_tokens: float = 0.0  # tokens through them (prompts included)
     prior_len: float = 0.0  # generated tokens of the student-view samples (every sample for the baselines)
     prior_n: float = 0.0
     prior_correct: float = 0.0
@@ -171,6 +173,8 @@ class StepStats:
             "extended_share": ratio(self.reinforced_extended, self.reinforced) if self.candidates else None,
             "gen_tokens": int(self.gen_tokens),
             "train_tokens": int(self.train_tokens),
+            "train_forwards": int(self.forwards),
+            "tokens_per_forward": ratio(self.forward_tokens, self.forwards),
         }
 
 

@@ -4,12 +4,14 @@ Each RUN_DIR holds ``metrics.jsonl`` (a real run) or sub-directories that do (th
 ``grpo_lp/``); every run found is overlaid on the same axes, labelled by its sub-directory. Writes to ``--out``
 (default ``RUN_DIR/plots``):
 
-- ``lengths.png``: prior and posterior mean path length per step (the paper's Figure 4);
+- ``lengths.png``: prior, posterior and gated (distilled) path lengths per step (the paper's Figure 4), and U of the
+  prior and posterior paths;
 - ``reward_loss.png``: mean reward (one panel per run: each method has its own reward), gradient norm and loss;
-- ``validation.png``: cross-view validation pass rate and gate fraction per step (VPG-EA runs only);
-- ``frontier.png``: accuracy against average tokens, one point per (run, data set), with the standard error of the
-  accuracy as an error bar, on axes that start at 0, from ``--eval`` files written by ``python -m vpgea.eval`` and
-  from the ``summary.json`` of each RUN_DIR.
+- ``validation.png``: cross-view validation pass rate (all posterior paths, and split into paths whose own answer is
+  right, wrong, or (toy) that copy the hint) and gate fraction per step (VPG-EA runs only);
+- ``frontier.png``: accuracy against average tokens, one point per (run, data set or mode), with the standard error
+  of the accuracy as an error bar and eps3 contours dotted, on axes that start at 0, from ``--eval`` files written by
+  ``python -m vpgea.eval`` and from the ``summary.json`` of each RUN_DIR (every mode of a ``--modes`` run).
 
 Per-step figures draw each step as a thin line and a rolling mean as a thick one (the legend says which).
 
@@ -45,7 +47,11 @@ class Panel:
 
 FIGURES = [
     ("lengths.png", "Student-view (prior) vs teacher-view (posterior) path length",
-     [Panel("mean path length (tokens)", (("prior_len", "-", "prior"), ("posterior_len", "--", "posterior")))]),
+     [Panel("mean path length (tokens)", (("prior_len", "-", "prior"), ("posterior_len", "--", "posterior"),
+                                          ("gated_len", ":", "gated (A > 0: distilled)")),
+            note="the paper's Figure 4: the prior falls toward (and below) the posterior as VPG-EA distils it"),
+      Panel("U (answer log-prob, student view)", (("u_prior", "-", "prior paths"), ("u_post", "--", "posterior")),
+            note="U = log P(y* | x, z): how well a path lets the student view derive the answer")]),
     ("reward_loss.png", "Reward, gradient norm and loss",
      [Panel("mean reward", (("reward_mean", "-", ""),), per_run=True,
             note="each run's own reward on its own scale (VPG-EA: R * eta; grpo-lp: correct - length penalty)"),
@@ -53,7 +59,10 @@ FIGURES = [
       Panel("loss", (("loss", "-", ""),),
             note="policy-gradient surrogate, about 0 by construction (centred advantages): flat is not idle")]),
     ("validation.png", "Cross-view validation",
-     [Panel("cross-view pass rate", (("cross_view_pass", "-", ""),)),
+     [Panel("cross-view pass rate", (("cross_view_pass", "-", "all"), ("pass_correct", "--", "own answer right"),
+                                     ("pass_wrong", ":", "own answer wrong"),
+                                     ("pass_leak", "-.", "hint copied (toy)")),
+            note="the share of posterior paths that pass, by kind: leaks and wrong paths should not"),
       Panel("gate fraction", (("gate_frac", "-", ""),))]),
 ]
 
@@ -183,6 +192,18 @@ def plot_frontier(sources: dict[str, list[tuple[str, float, float, int | None]]]
             ax.annotate(label, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
     ax.set_xlim(left=0)
     ax.set_ylim(0, 1)  # accuracy on its whole range: a zoomed axis makes noise look like a frontier
+    # eps3 = ACC^2 / A.Tok contours through the points' range: acc = sqrt(eps3 * tokens)
+    xmax = max((p[1] for pts in sources.values() for p in pts), default=1.0) * 1.1
+    eps = sorted(p[2] ** 2 / p[1] for pts in sources.values() for p in pts if p[1] > 0)
+    if eps:
+        import numpy as np
+
+        xs = np.linspace(xmax / 200, xmax, 200)
+        for level in np.geomspace(eps[0], eps[-1], 4) if eps[-1] > eps[0] else eps[:1]:
+            ax.plot(xs, np.sqrt(level * xs), ":", color="grey", lw=0.8, zorder=1)
+            ax.annotate(f"eps3 {level:.3g}", (xs[-1], min(0.98, float(np.sqrt(level * xs[-1])))), fontsize=7,
+                        color="grey", ha="right", va="bottom")
+        ax.set_xlim(0, xmax)
     ax.set_xlabel("average tokens per response")
     ax.set_ylabel("accuracy (error bars: one standard error)")
     ax.set_title("Accuracy vs tokens (efficiency frontier)")

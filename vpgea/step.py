@@ -175,7 +175,7 @@ def update(ctx: StepContext, groups: list[Group], scale: float) -> StepStats:
 
     comp = [torch.zeros(len(s), dtype=torch.float64) for s in seqs]  # per sequence: summed completion log-probs
     ans = [torch.zeros(len(s), dtype=torch.float64) for s in seqs]  # ... and answer log-probs
-    train_tokens = 0
+    train_tokens = forwards = forward_tokens = 0
     for mb in _agreed(pack_groups(lengths, budget), ctx.info):
         pairs = mb if mb is not None else []
         part = [seqs[q][j] for q, j in pairs] or [_DUMMY]
@@ -188,7 +188,9 @@ def update(ctx: StepContext, groups: list[Group], scale: float) -> StepStats:
             comp[q][j] = head.comp_sums[s]
             ans[q][j] = head.ans_sums[s]
         train_tokens += head.train_tokens
-    stats = StepStats(train_tokens=train_tokens)
+        forwards += 1
+        forward_tokens += batch.num_tokens
+    stats = StepStats(train_tokens=train_tokens, forwards=forwards, forward_tokens=forward_tokens)
     for q, g in enumerate(groups):
         if weights[q] is None:
             raise RuntimeError(f"update: question {g.index} was never weighed (its sequences were not run)")
