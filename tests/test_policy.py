@@ -359,6 +359,39 @@ def test_sdpa_varlen_matches_per_sequence_attention(heads, kv_heads):
         torch.testing.assert_close(out[s:e], want, atol=1e-6, rtol=1e-5)
 
 
+@pytest.mark.parametrize("lens, route", [([5, 9, 1, 7, 8, 3, 6, 9], "padded"), ([40, 1, 2, 1], "mask"),
+                                         ([4, 0, 6, 3, 5, 2, 6], "padded")])
+@pytest.mark.parametrize("window", [None, 3])
+def test_sdpa_fallback_routes_match_per_sequence_attention_with_gradients(lens, route, window):
+    """The masked-SDPA fallback takes many short sequences as a padded batch (S L^2 scores) and a skewed mix through
+    the block mask (N^2); both against per-sequence attention in float64, values and gradients, with GQA, a sliding
+    window and an empty sequence."""
+    n, heads, kv_heads, d = sum(lens), 4, 2, 8
+    assert (len([x for x in lens if x]) * max(lens) ** 2 < n * n) == (route == "padded")
+    g = torch.Generator().manual_seed(1)
+    q, k, v = (torch.randn(n, h, d, generator=g, dtype=torch.float64, requires_grad=True)
+               for h in (heads, kv_heads, kv_heads))
+    cu = torch.tensor([0, *torch.tensor(lens).cumsum(0).tolist()], dtype=torch.int32)
+    out = attention._sdpa_varlen(q, k, v, cu, max(lens), scale=0.3, dropout=0.0, sliding_window=window)
+    want = []
+    for s, e in zip(cu[:-1].tolist(), cu[1:].tolist()):
+        qs = q[s:e].transpose(0, 1)
+        ks, vs = (x[s:e].transpose(0, 1).repeat_interleave(heads // kv_heads, 0) for x in (k, v))
+        i = torch.arange(e - s)
+        allowed = i[:, None] >= i[None, :]
+        if window is not None:
+            allowed &= i[:, None] - i[None, :] < window
+        want.append(F.scaled_dot_product_attention(qs, ks, vs, attn_mask=allowed, scale=0.3).transpose(0, 1))
+    want = torch.cat(want)
+    torch.testing.assert_close(out, want, atol=1e-12, rtol=1e-10)
+    w = torch.randn(out.shape, generator=g, dtype=torch.float64)
+    got_grads = torch.autograd.grad((out * w).sum(), (q, k, v))
+    want_grads = torch.autograd.grad((want * w).sum(), (q, k, v))
+    for a, b in zip(got_grads, want_grads):
+        assert torch.isfinite(a).all()
+        torch.testing.assert_close(a, b, atol=1e-12, rtol=1e-10)
+
+
 def _fake_varlen_attn(style):
     """A CPU stand-in for torch.nn.attention.varlen.varlen_attn in the signature of one torch release; it computes
     what that release's arguments ask for, with the masked-SDPA reference."""

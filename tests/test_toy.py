@@ -118,3 +118,26 @@ def test_default_run_fails_clearly_when_the_warm_start_cannot_reach_the_threshol
     assert train.main(args) == 1
     err = capsys.readouterr().err
     assert "error: the toy warm start reached held-out accuracy" in err and "--toy-min-accuracy" in err
+
+
+def test_answer_aware_traces_and_leaks():
+    """The default toy's premise: concise traces rare under the student view, common under the teacher view, some
+    teacher-view traces box the hint after a partial derivation, and is_leak finds exactly those."""
+    task = toy.ToyTask(error_prob=0.0)
+    assert task.variant == "answer-aware"
+    rng = random.Random(0)
+    exs = toy.make_examples(2000, seed=4, task=task)
+    student = [toy.trace(e.question, rng, task) for e in exs]
+    teacher = [toy.trace(e.question, rng, task, hint=e.answer) for e in exs]
+    share = lambda rows, style: sum(s == style for _, s in rows) / len(rows)  # noqa: E731
+    assert share(student, "concise") < 0.05 and share(student, "leak") == 0
+    assert 0.45 < share(teacher, "concise") < 0.55 and 0.15 < share(teacher, "leak") < 0.25
+    mean_len = lambda rows: sum(len(t.split()) for t, _ in rows) / len(rows)  # noqa: E731
+    assert mean_len(teacher) < 0.6 * mean_len(student)
+    for e, (t, style) in [*zip(exs, student), *zip(exs, teacher)]:
+        assert re.findall(r"\\boxed\{ (\d) \}", t) == [e.answer]  # error-free; leaks box the (right) hint
+        assert toy.is_leak(e.question, t) == (style == "leak"), (e.question, t, style)
+    q = "7 +3 -5"
+    assert toy.is_leak(q, "7 +3 = 0 ; \\boxed{ 5 }")
+    assert not toy.is_leak(q, "7 +3 = 0 ; check 7 +3 = 0 ok ; wait 0 -5 = 4 no 0 -5 = 5 ; \\boxed{ 5 }")
+    assert not toy.is_leak(q, "7 +3 = 0 ; 0 -5 = 5 ;")  # no answer boxed: not a leak, just unfinished

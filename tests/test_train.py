@@ -41,6 +41,10 @@ def test_default_run_tiny(tmp_path):
     for r in rows:
         assert set(r) >= set(KEYS)
         assert all(r[k] is None or r[k] == r[k] for k in KEYS)  # no NaN
+    for r in rows:  # issue 14's diagnostics: U means, what is distilled, pass rates by kind (leaks: the toy knows)
+        assert r["u_prior"] is not None and r["u_post"] is not None and r["leak_frac"] is not None
+        assert r["pass_correct"] is None or 0 <= r["pass_correct"] <= 1
+        assert r["gate_frac"] == 0 or r["gated_len"] > 0
     assert sorted(p.name for p in (out / "vpgea").glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-3"]
     assert not list((out / "vpgea").glob(".tmp-*"))
     from transformers import AutoModelForCausalLM
@@ -66,7 +70,10 @@ def test_ablations_and_grpo_mode(tmp_path):
     out = tmp_path / "abl"
     assert train.main([*TINY, "--max-steps", "1", "--no-baseline", "--no-cross-view", "--beta", "0", "--alpha", "0",
                        "--eval-limit", "2", "--output-dir", str(out)]) == 0
-    assert len(_metrics(out / "vpgea" / "metrics.jsonl")) == 1
+    (row,) = _metrics(out / "vpgea" / "metrics.jsonl")
+    # Without cross-view validation "pass" is the rule check: every correct path passes, no wrong one; U is not scored.
+    assert row["u_post"] is None and row["leak_frac"] is not None
+    assert row["pass_correct"] in (None, 1.0) and row["pass_wrong"] in (None, 0.0)
     out2 = tmp_path / "grpo"
     assert train.main([*TINY, "--max-steps", "1", "--mode", "grpo-lp", "--eval-limit", "2",
                        "--output-dir", str(out2)]) == 0

@@ -200,6 +200,12 @@ def _sdpa_varlen(q, k, v, cu_seqlens, max_seqlen, *, scale, dropout, sliding_win
         k = k.repeat_interleave(h // hk, dim=1)
         v = v.repeat_interleave(h // hk, dim=1)
     num_seqs = cu_seqlens.shape[0] - 1
+    if num_seqs > 1 and int(cu_seqlens[0]) == 0 and int(cu_seqlens[-1]) == n:
+        lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).to(torch.int64)
+        lengths = lengths[lengths > 0]
+        longest = int(lengths.max()) if lengths.numel() else 0
+        if lengths.numel() * longest * longest < n * n:
+            return _sdpa_padded(q, k, v, lengths, longest, scale=scale, dropout=dropout, sliding_window=sliding_window)
     qt, kt, vt = (x.transpose(0, 1)[None] for x in (q, k, v))  # [1, H, N, D]
     if num_seqs == 1 and sliding_window is None:
         out = F.scaled_dot_product_attention(qt, kt, vt, dropout_p=dropout, is_causal=True, scale=scale)
@@ -207,6 +213,27 @@ def _sdpa_varlen(q, k, v, cu_seqlens, max_seqlen, *, scale, dropout, sliding_win
         mask = _block_causal_mask(cu_seqlens, n, sliding_window)
         out = F.scaled_dot_product_attention(qt, kt, vt, attn_mask=mask, dropout_p=dropout, scale=scale)
     return out[0].transpose(0, 1)
+
+
+def _sdpa_padded(q, k, v, lengths, longest, *, scale, dropout, sliding_window):
+    """The packed sequences as a padded batch ``[S, H, L, D]`` with a causal, key-padding mask: ``S L^2`` scores
+    instead of the block mask's ``N^2`` (many short sequences packed together: 8x fewer on the toy's training pass).
+    A padded query row still sees its sequence's keys (never an empty row, so no NaN); it is dropped."""
+    s = lengths.numel()
+    pos = torch.arange(longest, device=q.device)
+    valid = pos[None, :] < lengths.to(q.device)[:, None]  # [S, L], row-major order = the packed token order
+
+    def pad(x):
+        out = x.new_zeros(s, longest, *x.shape[1:])
+        out[valid] = x
+        return out.transpose(1, 2)  # [S, H, L, D]
+
+    mask = (pos[:, None] >= pos[None, :])[None] & valid[:, None, :]  # [S, L(q), L(k)]
+    if sliding_window is not None:
+        mask &= (pos[:, None] - pos[None, :] < sliding_window)[None]
+    out = F.scaled_dot_product_attention(pad(q), pad(k), pad(v), attn_mask=mask[:, None], dropout_p=dropout,
+                                         scale=scale)
+    return out.transpose(1, 2)[valid]  # [N, H, D]
 
 
 def _flash_varlen(q, k, v, cu_seqlens, max_seqlen, *, scale, dropout, sliding_window):

@@ -322,12 +322,14 @@ class VPGEA(Method):
         )
         if cfg.cross_view:
             st.u_prior, st.u_post, st.u_n = float(group.u_prior.mean()), float(group.u_post.mean()), 1.0
-            st.pass_correct, st.n_correct = float((sc.passed & correct).sum()), float(correct.sum())
-            st.pass_wrong, st.n_wrong = float((sc.passed & ~correct).sum()), float((~correct).sum())
-            if all(s.leak is not None for s in post):
-                leak = torch.tensor([bool(s.leak) for s in post])
-                st.pass_leak, st.n_leak = float((sc.passed & leak).sum()), float(leak.sum())
-                st.leak_paths = float(len(post))
+        # Pass rates by kind, also without cross-view validation (where "pass" is the rule check): that ablation is
+        # the one in which copied hints get through.
+        st.pass_correct, st.n_correct = float((sc.passed & correct).sum()), float(correct.sum())
+        st.pass_wrong, st.n_wrong = float((sc.passed & ~correct).sum()), float((~correct).sum())
+        if all(s.leak is not None for s in post):
+            leak = torch.tensor([bool(s.leak) for s in post])
+            st.pass_leak, st.n_leak = float((sc.passed & leak).sum()), float(leak.sum())
+            st.leak_paths = float(len(post))
         return st
 
 
