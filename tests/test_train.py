@@ -100,11 +100,12 @@ def test_sigint_saves_checkpoint(tmp_path):
         return real_generate(*args, **kw)
 
     engine.generate = generate
+    before = signal.getsignal(signal.SIGINT)  # default_int_handler, or SIG_IGN in a background job
     with pytest.raises(train.Interrupted) as info:
         train.train(cfg, policy, tok, items, tmp_path, engine=engine)
     assert info.value.checkpoint.name == "checkpoint-2"
     assert (info.value.checkpoint / "trainer_state.pt").is_file()
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handlers restored
+    assert signal.getsignal(signal.SIGINT) is before  # handlers restored
 
 
 # --- bad input ---------------------------------------------------------------------------------------------------
@@ -292,7 +293,9 @@ def test_second_signal_outside_a_save_stops_at_once_with_the_first_code(tmp_path
         return real_generate(*args, **kw)
 
     engine.generate = generate
+    before = signal.getsignal(signal.SIGINT)  # default_int_handler, or SIG_IGN in a background job
     with pytest.raises(train.Interrupted) as info:
         train.train(cfg, policy, tok, items, tmp_path, engine=engine)
+    assert signal.getsignal(signal.SIGINT) is before  # handlers restored after a second signal too
     assert info.value.signum == signal.SIGTERM and info.value.checkpoint is None
     assert [p.name for p in tmp_path.glob("checkpoint-*")] == ["checkpoint-1"]  # the step-1 save stays
