@@ -149,5 +149,9 @@ def test_figures_read_as_intended(toy_run, tmp_path):
     points = {"toy": [("before", 50.0, 0.62, 600), ("vpgea", 48.0, 0.65, 600)]}
     ax = plot.plot_frontier(points, tmp_path / "f.png").axes[0]
     assert ax.get_ylim() == (0.0, 1.0) and ax.get_xlim()[0] == 0.0  # not zoomed into the noise
-    (bars,) = ax.containers  # one errorbar container: the standard errors are drawn
-    assert bars.has_yerr
+    assert len(ax.containers) == 2 and all(bars.has_yerr for bars in ax.containers)  # the standard errors are drawn
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == ["before", "vpgea"]  # told apart by the legend
+    two = {"seed 0": points["toy"], "seed 1": [("before", 51.0, 0.6, 600), ("vpgea", 30.0, 0.7, 600)]}
+    ax = plot.plot_frontier(two, tmp_path / "g.png").axes[0]
+    assert len(ax.containers) == 4
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == ["seed 0", "seed 1", "before", "vpgea"]

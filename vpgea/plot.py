@@ -178,18 +178,37 @@ def plot_steps(runs: dict[str, list[dict]], title: str, panels: list[Panel], pat
     return fig
 
 
+def _color(i: int):
+    """Matplotlib's ten default colours, then black and greys, so the 11 modes of a comparison stay distinct."""
+    return f"C{i}" if i < 10 else ("black", "0.45", "0.7")[(i - 10) % 3]
+
+
 def plot_frontier(sources: dict[str, list[tuple[str, float, float, int | None]]], path: Path):
     """Accuracy against tokens, one point per (source, label), with one-standard-error bars; writes ``path`` and
-    returns the figure."""
+    returns the figure. Points are told apart by the legend, not by text beside them (a cluster of methods at similar
+    lengths makes labels overprint): with one source each label has its own colour and marker; with several, the
+    colour names the source and the marker the label."""
+    from matplotlib.lines import Line2D
+
     fig = _new_figure(1)
     ax = fig.subplots()
+    markers = "osD^vP*XhpH<>d8"
+    labels = list(dict.fromkeys(p[0] for pts in sources.values() for p in pts))
+    single = len(sources) == 1
     for i, (source, points) in enumerate(sources.items()):
-        # Standard error of a mean of n Bernoulli outcomes (samples of one problem are counted as independent).
-        err = [math.sqrt(p[2] * (1 - p[2]) / p[3]) if p[3] else 0.0 for p in points]
-        ax.errorbar([p[1] for p in points], [p[2] for p in points], yerr=err, fmt="o", capsize=3,
-                    color=f"C{i % 10}", label=source, zorder=3)
-        for label, x, y, _ in points:
-            ax.annotate(label, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
+        for label, x, y, n in points:
+            j = labels.index(label)
+            # Standard error of a mean of n Bernoulli outcomes (samples of one problem are counted as independent).
+            err = math.sqrt(y * (1 - y) / n) if n else 0.0
+            ax.errorbar([x], [y], yerr=[err], fmt=markers[j % len(markers)], capsize=3, zorder=3,
+                        color=_color(j if single else i), label=label if single else None)
+    if not single:
+        handles = [Line2D([], [], color=_color(i), marker="o", ls="", label=src) for i, src in enumerate(sources)]
+        handles += [Line2D([], [], color="black", marker=markers[j % len(markers)], ls="", label=lab)
+                    for j, lab in enumerate(labels)]
+        ax.legend(handles=handles, fontsize=7, ncol=2, loc="lower right")
+    else:
+        ax.legend(fontsize=7, ncol=2, loc="lower right")
     ax.set_xlim(left=0)
     ax.set_ylim(0, 1)  # accuracy on its whole range: a zoomed axis makes noise look like a frontier
     # eps3 = ACC^2 / A.Tok contours through the points' range: acc = sqrt(eps3 * tokens)
@@ -201,14 +220,14 @@ def plot_frontier(sources: dict[str, list[tuple[str, float, float, int | None]]]
         xs = np.linspace(xmax / 200, xmax, 200)
         for level in np.geomspace(eps[0], eps[-1], 4) if eps[-1] > eps[0] else eps[:1]:
             ax.plot(xs, np.sqrt(level * xs), ":", color="grey", lw=0.8, zorder=1)
-            ax.annotate(f"eps3 {level:.3g}", (xs[-1], min(0.98, float(np.sqrt(level * xs[-1])))), fontsize=7,
-                        color="grey", ha="right", va="bottom")
+            x_label = min(xmax, 0.95 ** 2 / level)  # where the contour leaves the plot: its right edge or the top
+            ax.annotate(f"eps3 {level:.3g}", (x_label, float(np.sqrt(level * x_label))), fontsize=7, color="grey",
+                        ha="right", va="bottom")
         ax.set_xlim(0, xmax)
     ax.set_xlabel("average tokens per response")
     ax.set_ylabel("accuracy (error bars: one standard error)")
     ax.set_title("Accuracy vs tokens (efficiency frontier)")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
     fig.savefig(path, dpi=120)
     return fig
 
