@@ -203,3 +203,38 @@ def test_modes_compare_on_a_real_model(tiny_model_dir, tmp_path):
     for key in ("vpgea", "rft_shortest"):
         assert {"acc", "avg_tokens", "eps3"} <= set(summary[key])
         assert len(_metrics(out / key / "metrics.jsonl")) == 1
+
+
+def test_vpgea_stats_by_kind_of_path_and_easy_questions():
+    """VPGEA.finish's diagnostics on a hand-built question: pass rates of right, wrong and leaked posterior paths, and
+    the pass rate of right paths when every prior path is right (the threshold mean U_prior is then near 0)."""
+    from types import SimpleNamespace
+
+    from vpgea.config import TrainConfig
+    from vpgea.methods import VPGEA, Group, Sample
+
+    cfg = TrainConfig(group_size=4, prior_samples=2)
+    method = VPGEA(cfg)
+    item = SimpleNamespace(tail=[7, 8])
+
+    def group(prior_ok, post):
+        g = Group(index=0, item=item)
+        g.samples["prior"] = [Sample([1, 2, 3], [1, 2], ok) for ok in prior_ok]
+        g.samples["post"] = [Sample([1] * (n + 1), [1] * n, ok, leak) for n, ok, leak, _ in post]
+        g.u_prior = torch.tensor([-1e-3 if ok else -10.0 for ok in prior_ok])
+        g.u_post = torch.tensor([u for *_, u in post])
+        return g
+
+    # (path length, own answer right, leak, U). Prior all right: threshold mean U_prior = -1e-3.
+    easy = group([True, True], [(4, True, False, -1e-4), (5, True, False, -2e-3), (3, True, True, -5.0),
+                                (6, False, False, -9.0)])
+    w = method.weights(easy, None, 1.0)
+    st = method.finish(easy, w, torch.zeros(8), torch.zeros(8)).record()
+    assert st["pass_correct"] == pytest.approx(1 / 3) and st["pass_wrong"] == 0.0 and st["pass_leak"] == 0.0
+    assert st["leak_frac"] == 0.25 and st["easy_frac"] == 1.0 and st["pass_correct_easy"] == pytest.approx(1 / 3)
+    # One prior path wrong: threshold (-1e-3 - 10) / 2, every right path passes; not an easy question.
+    hard = group([True, False], [(4, True, False, -1e-4), (5, True, False, -2e-3), (3, True, True, -5.0),
+                                 (6, False, False, -9.0)])
+    st = method.finish(hard, method.weights(hard, None, 1.0), torch.zeros(8), torch.zeros(8)).record()
+    assert st["pass_correct"] == 1.0 and st["pass_leak"] == 1.0 and st["pass_wrong"] == 0.0
+    assert st["easy_frac"] == 0.0 and st["pass_correct_easy"] is None

@@ -124,6 +124,9 @@ class StepStats:
     pass_leak: float = 0.0  # the toy: posterior paths that box the hint without deriving it, and pass
     n_leak: float = 0.0
     leak_paths: float = 0.0  # posterior paths whose leak status is known (the toy)
+    easy: float = 0.0  # questions whose prior paths are all correct (mean U_prior is then near its maximum, 0)
+    pass_correct_easy: float = 0.0  # correct posterior paths of those questions that pass
+    n_correct_easy: float = 0.0
     # baselines (zero where they do not apply)
     limit: float = 0.0  # thinkprune: the token limit, summed over questions
     target: float = 0.0  # l1-*: the length target asked for, summed over questions
@@ -167,6 +170,8 @@ class StepStats:
             "pass_wrong": ratio(self.pass_wrong, self.n_wrong),
             "pass_leak": ratio(self.pass_leak, self.n_leak),
             "leak_frac": ratio(self.n_leak, self.leak_paths),
+            "easy_frac": ratio(self.easy, self.u_n),
+            "pass_correct_easy": ratio(self.pass_correct_easy, self.n_correct_easy),
             "length_limit": ratio(self.limit, q) if self.limit else None,
             "l1_target": ratio(self.target, q) if self.target else None,
             "reinforced_frac": ratio(self.reinforced, self.candidates),
@@ -322,6 +327,9 @@ class VPGEA(Method):
         )
         if cfg.cross_view:
             st.u_prior, st.u_post, st.u_n = float(group.u_prior.mean()), float(group.u_post.mean()), 1.0
+            if bool(_correct(prior).all()):  # the threshold mean U_prior is then the mean of near-zero values
+                st.easy = 1.0
+                st.pass_correct_easy, st.n_correct_easy = float((sc.passed & correct).sum()), float(correct.sum())
         # Pass rates by kind, also without cross-view validation (where "pass" is the rule check): that ablation is
         # the one in which copied hints get through.
         st.pass_correct, st.n_correct = float((sc.passed & correct).sum()), float(correct.sum())

@@ -61,7 +61,8 @@ FIGURES = [
     ("validation.png", "Cross-view validation",
      [Panel("cross-view pass rate", (("cross_view_pass", "-", "all"), ("pass_correct", "--", "own answer right"),
                                      ("pass_wrong", ":", "own answer wrong"),
-                                     ("pass_leak", "-.", "hint copied (toy)")),
+                                     ("pass_leak", "-.", "hint copied (toy)"),
+                                     ("pass_correct_easy", (0, (1, 4)), "own answer right, all prior paths right")),
             note="the share of posterior paths that pass, by kind: leaks and wrong paths should not"),
       Panel("gate fraction", (("gate_frac", "-", ""),))]),
 ]
@@ -159,8 +160,8 @@ def plot_steps(runs: dict[str, list[dict]], title: str, panels: list[Panel], pat
             for key, style, suffix in panel.lines:
                 xs, ys = series(data, key)
                 if xs:
-                    ax.plot(xs, ys, style, color=colors[name], alpha=0.3, lw=0.8)
-                    ax.plot(xs, _rolling(ys, w), style, color=colors[name], lw=1.8,
+                    ax.plot(xs, ys, linestyle=style, color=colors[name], alpha=0.3, lw=0.8)
+                    ax.plot(xs, _rolling(ys, w), linestyle=style, color=colors[name], lw=1.8,
                             label=f"{name} {suffix}".strip())
         if ax.lines:
             drawn = True
