@@ -49,7 +49,9 @@ CONFIG_FILE = "config.json"  # the resolved config, in the output directory
 class TrainConfig:
     # --- run ---
     mode: str = "vpgea"
-    """Trainer: "vpgea" (dual-stream VPG-EA) or "grpo-lp" (GRPO on the student view, length-penalised reward)."""
+    """Method: "vpgea" (dual-stream VPG-EA), its ablations "no-cross-view", "beta-0", "alpha-0", or a baseline on the
+    student view: "grpo-lp" (length-penalised reward), "thinkprune" (length-clipped), "l1-exact" / "l1-max" (LCPO),
+    "rft-shortest" (SFT on the shortest correct sample), "ibpo" (budget-constrained selection). --modes runs several."""
     model: str | None = None
     """Local Hugging Face model directory (weights + tokenizer). None: the self-contained toy run."""
     train_data: str | None = None
