@@ -367,7 +367,7 @@ def test_sdpa_fallback_routes_match_per_sequence_attention_with_gradients(lens, 
     the block mask (N^2); both against per-sequence attention in float64, values and gradients, with GQA, a sliding
     window and an empty sequence."""
     n, heads, kv_heads, d = sum(lens), 4, 2, 8
-    assert (len([x for x in lens if x]) * max(lens) ** 2 < n * n) == (route == "padded")
+    assert (len(lens) * max(lens) ** 2 < n * n) == (route == "padded")
     g = torch.Generator().manual_seed(1)
     q, k, v = (torch.randn(n, h, d, generator=g, dtype=torch.float64, requires_grad=True)
                for h in (heads, kv_heads, kv_heads))

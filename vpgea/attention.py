@@ -200,12 +200,9 @@ def _sdpa_varlen(q, k, v, cu_seqlens, max_seqlen, *, scale, dropout, sliding_win
         k = k.repeat_interleave(h // hk, dim=1)
         v = v.repeat_interleave(h // hk, dim=1)
     num_seqs = cu_seqlens.shape[0] - 1
-    if num_seqs > 1 and int(cu_seqlens[0]) == 0 and int(cu_seqlens[-1]) == n:
-        lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).to(torch.int64)
-        lengths = lengths[lengths > 0]
-        longest = int(lengths.max()) if lengths.numel() else 0
-        if lengths.numel() * longest * longest < n * n:
-            return _sdpa_padded(q, k, v, lengths, longest, scale=scale, dropout=dropout, sliding_window=sliding_window)
+    if num_seqs > 1 and num_seqs * max_seqlen * max_seqlen < n * n:
+        return _sdpa_padded(q, k, v, cu_seqlens, max_seqlen, scale=scale, dropout=dropout,
+                            sliding_window=sliding_window)
     qt, kt, vt = (x.transpose(0, 1)[None] for x in (q, k, v))  # [1, H, N, D]
     if num_seqs == 1 and sliding_window is None:
         out = F.scaled_dot_product_attention(qt, kt, vt, dropout_p=dropout, is_causal=True, scale=scale)
@@ -215,25 +212,30 @@ def _sdpa_varlen(q, k, v, cu_seqlens, max_seqlen, *, scale, dropout, sliding_win
     return out[0].transpose(0, 1)
 
 
-def _sdpa_padded(q, k, v, lengths, longest, *, scale, dropout, sliding_window):
+def _sdpa_padded(q, k, v, cu_seqlens, longest, *, scale, dropout, sliding_window):
     """The packed sequences as a padded batch ``[S, H, L, D]`` with a causal, key-padding mask: ``S L^2`` scores
     instead of the block mask's ``N^2`` (many short sequences packed together: 8x fewer on the toy's training pass).
-    A padded query row still sees its sequence's keys (never an empty row, so no NaN); it is dropped."""
-    s = lengths.numel()
-    pos = torch.arange(longest, device=q.device)
-    valid = pos[None, :] < lengths.to(q.device)[:, None]  # [S, L], row-major order = the packed token order
+    Index arithmetic only (no host sync in the layer); ``longest`` must be at least the longest sequence, as for
+    flash-attn. A padded query row still sees its sequence's keys (an empty
+    sequence's rows see its first slot), so no row is empty and nothing is NaN; padded rows are dropped."""
+    n, s = q.shape[0], cu_seqlens.shape[0] - 1
+    cu = cu_seqlens.to(torch.int64)
+    tok = torch.arange(n, device=q.device)
+    seq = torch.searchsorted(cu[1:], tok, right=True)  # [N] sequence of each token
+    slot = seq * longest + (tok - cu[seq])  # [N] its place in the flattened [S, L] batch
+    lengths = cu[1:] - cu[:-1]  # [S]
 
     def pad(x):
-        out = x.new_zeros(s, longest, *x.shape[1:])
-        out[valid] = x
-        return out.transpose(1, 2)  # [S, H, L, D]
+        return x.new_zeros(s * longest, *x.shape[1:]).index_copy(0, slot, x).view(s, longest, *x.shape[1:])
 
-    mask = (pos[:, None] >= pos[None, :])[None] & valid[:, None, :]  # [S, L(q), L(k)]
+    pos = torch.arange(longest, device=q.device)
+    mask = (pos[:, None] >= pos[None, :])[None] & (pos[None, None, :] < lengths[:, None, None])  # [S, L(q), L(k)]
     if sliding_window is not None:
         mask &= (pos[:, None] - pos[None, :] < sliding_window)[None]
-    out = F.scaled_dot_product_attention(pad(q), pad(k), pad(v), attn_mask=mask[:, None], dropout_p=dropout,
-                                         scale=scale)
-    return out.transpose(1, 2)[valid]  # [N, H, D]
+    mask |= (pos[None, None, :] == 0) & (lengths == 0)[:, None, None]
+    out = F.scaled_dot_product_attention(*(pad(x).transpose(1, 2) for x in (q, k, v)), attn_mask=mask[:, None],
+                                         dropout_p=dropout, scale=scale)  # [S, H, L, D]
+    return out.transpose(1, 2).reshape(s * longest, *q.shape[1:]).index_select(0, slot)  # [N, H, D]
 
 
 def _flash_varlen(q, k, v, cu_seqlens, max_seqlen, *, scale, dropout, sliding_window):

@@ -325,15 +325,14 @@ class VPGEA(Method):
             no_pass=float(not bool(sc.passed.any())),
             gated_len=float(_lengths(post)[gate].sum()), gated_n=float(gate.sum()),
         )
-        if cfg.cross_view:
-            st.u_prior, st.u_post, st.u_n = float(group.u_prior.mean()), float(group.u_post.mean()), 1.0
-            if bool(_correct(prior).all()):  # the threshold mean U_prior is then the mean of near-zero values
-                st.easy = 1.0
-                st.pass_correct_easy, st.n_correct_easy = float((sc.passed & correct).sum()), float(correct.sum())
         # Pass rates by kind, also without cross-view validation (where "pass" is the rule check): that ablation is
         # the one in which copied hints get through.
         st.pass_correct, st.n_correct = float((sc.passed & correct).sum()), float(correct.sum())
         st.pass_wrong, st.n_wrong = float((sc.passed & ~correct).sum()), float((~correct).sum())
+        if cfg.cross_view:
+            st.u_prior, st.u_post, st.u_n = float(group.u_prior.mean()), float(group.u_post.mean()), 1.0
+            if bool(_correct(prior).all()):  # the threshold mean U_prior is then the mean of near-zero values
+                st.easy, st.pass_correct_easy, st.n_correct_easy = 1.0, st.pass_correct, st.n_correct
         if all(s.leak is not None for s in post):
             leak = torch.tensor([bool(s.leak) for s in post])
             st.pass_leak, st.n_leak = float((sc.passed & leak).sum()), float(leak.sum())

@@ -203,13 +203,12 @@ def plot_frontier(sources: dict[str, list[tuple[str, float, float, int | None]]]
             err = math.sqrt(y * (1 - y) / n) if n else 0.0
             ax.errorbar([x], [y], yerr=[err], fmt=markers[j % len(markers)], capsize=3, zorder=3,
                         color=_color(j if single else i), label=label if single else None)
+    handles = None  # one source: the points' own labels
     if not single:
         handles = [Line2D([], [], color=_color(i), marker="o", ls="", label=src) for i, src in enumerate(sources)]
         handles += [Line2D([], [], color="black", marker=markers[j % len(markers)], ls="", label=lab)
                     for j, lab in enumerate(labels)]
-        ax.legend(handles=handles, fontsize=7, ncol=2, loc="lower right")
-    else:
-        ax.legend(fontsize=7, ncol=2, loc="lower right")
+    ax.legend(handles=handles, fontsize=7, ncol=2, loc="lower right")
     ax.set_xlim(left=0)
     ax.set_ylim(0, 1)  # accuracy on its whole range: a zoomed axis makes noise look like a frontier
     # eps3 = ACC^2 / A.Tok contours through the points' range: acc = sqrt(eps3 * tokens)
